@@ -1,0 +1,1 @@
+"""Penn Treebank word-level language modeling with seqnorm layers (see README)."""

@@ -1,0 +1,193 @@
+"""``seqnorm.LSTM`` and ``seqnorm.RNN``: drop-in for ``torch.nn.LSTM`` / ``torch.nn.RNN``.
+
+Same constructor arguments (those that apply), forward signature, shapes and
+parameter names (``weight_ih_l0``, ``weight_hh_l0``, ``bias_ih_l0``,
+``bias_hh_l0``, ...), so an ``nn.LSTM`` checkpoint loads with
+``strict=False`` (the normalizers' own entries ``norm_l{k}.*`` stay at their
+initial values).  Each layer k has one normalizer ``norm_l{k}`` over all its
+gate features; for Online Normalization that is one statistics state shared
+by every time step (and kept across calls, BPTT segments and epochs).
+
+Each layer runs as one ``RecurrenceFunction`` (input projections for all steps
+in one matmul, the recurrence and a hand-written backward).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from . import _checks
+from .cells import NONLINEARITIES
+from .norms import OnlineNormConfig, build_norm, canonical_norm
+from .sequence import RecurrenceFunction, RecurrenceSpec
+
+PAPER_RNN_CONFIG = OnlineNormConfig(alpha_fwd=1 - 2**-14, alpha_bkw=1 - 2**-7)
+
+
+class _RecurrentLayers(nn.Module):
+    cell = ""
+    gates = 1
+
+    def __init__(self, input_size, hidden_size, num_layers, bias, batch_first, dropout, norm, config, nonlinearity,
+                 device, dtype):
+        super().__init__()
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
+            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
+        self.norm_type = canonical_norm(norm)
+        self.config = config
+        self.nonlinearity = nonlinearity
+        kw = dict(device=device, dtype=dtype)
+        width = self.gates * hidden_size
+        for k in range(num_layers):
+            layer_input = input_size if k == 0 else hidden_size
+            self.register_parameter(f"weight_ih_l{k}", nn.Parameter(torch.empty(width, layer_input, **kw)))
+            self.register_parameter(f"weight_hh_l{k}", nn.Parameter(torch.empty(width, hidden_size, **kw)))
+            for name in (f"bias_ih_l{k}", f"bias_hh_l{k}"):
+                self.register_parameter(name, nn.Parameter(torch.empty(width, **kw)) if bias else None)
+            self.add_module(f"norm_l{k}", build_norm(self.norm_type, width, hidden_size, config, **kw))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for name, p in self.named_parameters():
+            if name.startswith(("weight_", "bias_ih", "bias_hh")):
+                nn.init.uniform_(p, -bound, bound)
+
+    def _layer_params(self, k):
+        get = lambda name: getattr(self, f"{name}_l{k}")  # noqa: E731
+        return get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"), get("norm")
+
+    def _check_input(self, input):
+        if isinstance(input, PackedSequence):
+            raise TypeError("PackedSequence input is not supported; pass a padded tensor")
+        _checks.check_floating("input", input)
+        if input.dim() not in (2, 3) or input.shape[-1] != self.input_size:
+            layout = "(batch, seq, input_size)" if self.batch_first else "(seq, batch, input_size)"
+            raise ValueError(f"input must have shape {layout} or (seq, input_size) with input_size={self.input_size}, "
+                             f"got {tuple(input.shape)}")
+        if input.shape[-2 if input.dim() == 2 else 0] == 0 or input.numel() == 0:
+            raise ValueError(f"input is empty: shape {tuple(input.shape)}")
+        _checks.check_device("input", input, self.weight_ih_l0.device)
+
+    def _check_state(self, name, h, batch, unbatched):
+        _checks.check_floating(name, h)
+        expected = (self.num_layers, self.hidden_size) if unbatched else (self.num_layers, batch, self.hidden_size)
+        if tuple(h.shape) != expected:
+            raise ValueError(f"{name} must have shape {expected}, got {tuple(h.shape)}")
+        _checks.check_device(name, h, self.weight_ih_l0.device)
+        return h.unsqueeze(1) if unbatched else h
+
+    def _to_time_major(self, input):
+        unbatched = input.dim() == 2
+        x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if self.batch_first else input)
+        return x, unbatched
+
+    def _from_time_major(self, out, unbatched):
+        if unbatched:
+            return out.squeeze(1)
+        return out.transpose(0, 1) if self.batch_first else out
+
+    def _run_layers(self, x, h0, c0):
+        """x: (T, B, I) time-major; h0, c0: (num_layers, B, H). Returns out, [h_T], [c_T]."""
+        h_n, c_n = [], []
+        for k in range(self.num_layers):
+            w_ih, w_hh, b_ih, b_hh, norm = self._layer_params(k)
+            if k > 0 and self.dropout > 0 and self.training:
+                x = F.dropout(x, self.dropout, training=True)
+            xproj = F.linear(x, w_ih, None if b_ih is None else b_ih + b_hh)
+            spec = RecurrenceSpec(self.cell, self.norm_type, self.hidden_size, self.config, self.nonlinearity,
+                                  self.training)
+            state = norm.state if self.norm_type == "online" else None
+            gamma, beta = (norm.weight, norm.bias) if norm is not None else (None, None)
+            x, h, c = RecurrenceFunction.apply(spec, state, xproj, h0[k], None if c0 is None else c0[k], w_hh,
+                                               gamma, beta)
+            h_n.append(h)
+            c_n.append(c)
+        return x, h_n, c_n
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, norm={self.norm_type!r}"
+        if self.cell == "rnn":
+            s += f", nonlinearity={self.nonlinearity!r}"
+        if not self.bias:
+            s += ", bias=False"
+        if self.batch_first:
+            s += ", batch_first=True"
+        if self.dropout:
+            s += f", dropout={self.dropout}"
+        return s
+
+
+class LSTM(_RecurrentLayers):
+    """Multi-layer LSTM with normalized gate pre-activations (memory cell unnormalized).
+
+    forward(input, hx=None) -> output, (h_n, c_n) with the shapes of ``torch.nn.LSTM``.
+    norm: "online" (default), "layer" or None.  Online Normalization
+    hyperparameters default to the paper's PTB LSTM (``OnlineNormConfig()``:
+    alpha_fwd = 1 - 2**-13, alpha_bkw = 1 - 2**-5, eps = 1e-5, layer scaling
+    per gate); pass ``config=OnlineNormConfig(...)`` or the fields as keywords.
+    """
+
+    cell = "lstm"
+    gates = 4
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, norm="online", config: OnlineNormConfig | None = None,
+                 device=None, dtype=None, **config_fields):
+        config = config or OnlineNormConfig(**config_fields)
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, norm, config, "tanh",
+                         device, dtype)
+
+    def forward(self, input: torch.Tensor, hx=None):
+        self._check_input(input)
+        x, unbatched = self._to_time_major(input)
+        B = x.shape[1]
+        if hx is None:
+            h0 = c0 = x.new_zeros(self.num_layers, B, self.hidden_size)
+        else:
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise TypeError("hx must be a tuple (h_0, c_0) for an LSTM")
+            h0 = self._check_state("h_0", hx[0], B, unbatched)
+            c0 = self._check_state("c_0", hx[1], B, unbatched)
+        out, h_n, c_n = self._run_layers(x, h0, c0)
+        h_n, c_n = torch.stack(h_n), torch.stack(c_n)
+        if unbatched:
+            h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
+        return self._from_time_major(out, unbatched), (h_n, c_n)
+
+
+class RNN(_RecurrentLayers):
+    """Multi-layer Elman RNN (tanh or relu) with a normalized pre-activation.
+
+    forward(input, hx=None) -> output, h_n with the shapes of ``torch.nn.RNN``.
+    Online Normalization hyperparameters default to the paper's PTB RNN
+    (alpha_fwd = 1 - 2**-14, alpha_bkw = 1 - 2**-7, layer scaling over H).
+    """
+
+    cell = "rnn"
+    gates = 1
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0, norm="online",
+                 config: OnlineNormConfig | None = None, device=None, dtype=None, **config_fields):
+        _checks.check_choice("nonlinearity", nonlinearity, tuple(NONLINEARITIES))
+        if config is None:
+            config = OnlineNormConfig(**{**vars(PAPER_RNN_CONFIG), **config_fields})
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, norm, config, nonlinearity,
+                         device, dtype)
+
+    def forward(self, input: torch.Tensor, hx=None):
+        self._check_input(input)
+        x, unbatched = self._to_time_major(input)
+        B = x.shape[1]
+        h0 = x.new_zeros(self.num_layers, B, self.hidden_size) if hx is None else self._check_state("h_0", hx, B, unbatched)
+        out, h_n, _ = self._run_layers(x, h0, None)
+        h_n = torch.stack(h_n)
+        return self._from_time_major(out, unbatched), (h_n.squeeze(1) if unbatched else h_n)

@@ -1,0 +1,80 @@
+"""The normalizers a cell can put on its pre-activations, chosen by ``norm=``.
+
+- ``"online"``: ``OnlineNorm`` over all gate features, ECM grouped per gate.
+- ``"layer"``: ``GroupLayerNorm``, layer norm of each sample over each gate's
+  features (one group per gate), then a per-feature affine.
+- ``None`` (or ``"none"``): no normalization.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _checks
+from .ecm import ECM_CHOICES
+from .online_norm import OnlineNorm
+
+NORM_CHOICES = ("online", "layer", None)
+
+
+def canonical_norm(norm):
+    norm = None if norm == "none" else norm
+    return _checks.check_choice("norm", norm, NORM_CHOICES)
+
+
+@dataclass(frozen=True)
+class OnlineNormConfig:
+    """Online Normalization hyperparameters for a cell or layer (DESIGN §2)."""
+
+    alpha_fwd: float = 1 - 2**-13
+    alpha_bkw: float = 1 - 2**-5
+    eps: float = 1e-5
+    affine: bool = True
+    ecm: str = "ls"
+    clamp_value: float = 5.0
+    ls_eps: float = 1e-5
+
+    def __post_init__(self):
+        _checks.check_alpha("alpha_fwd", self.alpha_fwd)
+        _checks.check_alpha("alpha_bkw", self.alpha_bkw)
+        _checks.check_positive("eps", self.eps)
+        _checks.check_positive("ls_eps", self.ls_eps)
+        _checks.check_positive("clamp_value", self.clamp_value)
+        _checks.check_choice("ecm", self.ecm, ECM_CHOICES)
+
+
+class GroupLayerNorm(nn.Module):
+    """Layer norm of (N, C) per sample over each of C // group_size groups, then affine."""
+
+    def __init__(self, num_features: int, group_size: int, eps: float = 1e-5, affine: bool = True, device=None, dtype=None):
+        super().__init__()
+        if num_features % group_size:
+            raise ValueError(f"group_size {group_size} must divide num_features {num_features}")
+        self.num_features, self.group_size, self.eps, self.affine = num_features, group_size, eps, affine
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype))
+            self.bias = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        y = F.layer_norm(x.reshape(n, -1, self.group_size), (self.group_size,), eps=self.eps).reshape(x.shape)
+        return y * self.weight + self.bias if self.affine else y
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, group_size={self.group_size}, eps={self.eps}, affine={self.affine}"
+
+
+def build_norm(norm, num_features: int, group_size: int, config: OnlineNormConfig, device=None, dtype=None):
+    """The normalizer module for ``norm``, or None for no normalization."""
+    if norm == "online":
+        return OnlineNorm(
+            num_features, config.alpha_fwd, config.alpha_bkw, config.eps, config.affine, config.ecm,
+            config.clamp_value, config.ls_eps, ls_group_size=group_size, device=device, dtype=dtype,
+        )
+    if norm == "layer":
+        return GroupLayerNorm(num_features, group_size, config.eps, config.affine, device=device, dtype=dtype)
+    return None
