@@ -1,0 +1,286 @@
+"""seqnorm.LSTM / seqnorm.RNN: the fused sequence Function against per-step cell autograd,
+torch.nn compatibility, state handling and input checks."""
+import pytest
+import torch
+
+import seqnorm
+from seqnorm import LSTMCell, RNNCell
+
+F64 = torch.float64
+
+
+def make_layer(cell, norm, ecm="ls", num_layers=1, **kw):
+    cls = seqnorm.LSTM if cell == "lstm" else seqnorm.RNN
+    layer = cls(4, 6, num_layers=num_layers, norm=norm, ecm=ecm, alpha_fwd=0.9, alpha_bkw=0.8, dtype=F64, **kw)
+    with torch.no_grad():  # move the affine away from identity so its gradients matter
+        for name, p in layer.named_parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return layer
+
+
+def cells_like(layer):
+    """Per-step cells holding copies of each layer's parameters and normalizer state."""
+    cells = []
+    for k in range(layer.num_layers):
+        inp = layer.input_size if k == 0 else layer.hidden_size
+        if layer.cell == "lstm":
+            cell = LSTMCell(inp, layer.hidden_size, layer.bias, layer.norm_type, layer.config, dtype=F64)
+        else:
+            cell = RNNCell(inp, layer.hidden_size, layer.bias, layer.nonlinearity, layer.norm_type, layer.config, dtype=F64)
+        sd = {}
+        for name, value in layer.state_dict().items():
+            if name.startswith(f"norm_l{k}."):
+                sd["norm." + name.split(".", 1)[1]] = value.clone()
+            elif name.endswith(f"_l{k}"):
+                sd[name[: -len(f"_l{k}")]] = value.clone()
+        cell.load_state_dict(sd)
+        cell.train(layer.training)
+        cells.append(cell)
+    return cells
+
+
+def run_cells(cells, x, h0, c0):
+    """Time-major loop over steps and layers with plain autograd."""
+    hs = list(h0.unbind(0))
+    cs = list(c0.unbind(0)) if c0 is not None else None
+    outs = []
+    for t in range(x.shape[0]):
+        inp = x[t]
+        for k, cell in enumerate(cells):
+            if cs is not None:
+                hs[k], cs[k] = cell(inp, (hs[k], cs[k]))
+            else:
+                hs[k] = cell(inp, hs[k])
+            inp = hs[k]
+        outs.append(inp)
+    return torch.stack(outs), torch.stack(hs), None if cs is None else torch.stack(cs)
+
+
+def assert_layer_matches_cells(layer, cells, calls, batch_first=False):
+    params_l = dict(layer.named_parameters())
+    for x, h0, c0 in calls:
+        leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, h0, c0)]
+        leaves_c = [t.clone().requires_grad_() if t is not None else None for t in (x, h0, c0)]
+        hx = None if h0 is None else ((leaves[1], leaves[2]) if layer.cell == "lstm" else leaves[1])
+        out, hn = layer(leaves[0], hx)
+        h_n, c_n = hn if layer.cell == "lstm" else (hn, None)
+        xc = leaves_c[0].transpose(0, 1) if batch_first else leaves_c[0]
+        zeros = torch.zeros(layer.num_layers, xc.shape[1], layer.hidden_size, dtype=F64)
+        out_c, h_c, c_c = run_cells(cells, xc, zeros if h0 is None else leaves_c[1],
+                                    None if layer.cell == "rnn" else (zeros if h0 is None else leaves_c[2]))
+        out_c = out_c.transpose(0, 1) if batch_first else out_c
+        torch.testing.assert_close(out, out_c, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(h_n, h_c, rtol=1e-10, atol=1e-10)
+        g = torch.randn_like(out)
+        loss = (out * g).sum() + (h_n**2).sum()
+        loss_c = (out_c * g).sum() + (h_c**2).sum()
+        if c_n is not None:
+            torch.testing.assert_close(c_n, c_c, rtol=1e-10, atol=1e-10)
+            loss, loss_c = loss + (c_n * 0.5).sum(), loss_c + (c_c * 0.5).sum()
+        loss.backward()
+        loss_c.backward()
+        for a, b in zip(leaves, leaves_c):
+            if a is not None:
+                torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-10)
+    for k, cell in enumerate(cells):
+        for name, p in cell.named_parameters():
+            lname = f"norm_l{k}.{name.split('.', 1)[1]}" if name.startswith("norm.") else f"{name}_l{k}"
+            torch.testing.assert_close(params_l[lname].grad, p.grad, rtol=1e-9, atol=1e-10, msg=lname)
+        bufs_l = dict(layer.named_buffers())
+        for name, b in cell.named_buffers():
+            torch.testing.assert_close(bufs_l[f"norm_l{k}.{name.split('.', 1)[1]}"], b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+CASES = [("lstm", "online", "ls"), ("lstm", "online", "ac"), ("lstm", "online", "none"), ("lstm", "layer", "ls"),
+         ("lstm", None, "ls"), ("rnn", "online", "ls"), ("rnn", "online", "ac"), ("rnn", "online", "none"),
+         ("rnn", "layer", "ls"), ("rnn", None, "ls")]
+
+
+@pytest.mark.parametrize("cell, norm, ecm", CASES)
+@pytest.mark.parametrize("training", [True, False])
+def test_sequence_function_equals_per_step_cells(cell, norm, ecm, training):
+    """Outputs, final states, every gradient and the ON state, over two calls (state carries)."""
+    torch.manual_seed(0)
+    layer = make_layer(cell, norm, ecm).train(training)
+    cells = cells_like(layer)
+    calls = [(torch.randn(5, 3, 4, dtype=F64) * 2, None, None),
+             (torch.randn(7, 3, 4, dtype=F64), torch.randn(1, 3, 6, dtype=F64), torch.randn(1, 3, 6, dtype=F64))]
+    assert_layer_matches_cells(layer, cells, calls)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_multilayer_batch_first_initial_state_dropout_in_eval(cell):
+    torch.manual_seed(1)
+    layer = make_layer(cell, "online", num_layers=3, batch_first=True, dropout=0.4)
+    layer.train()
+    layer(torch.randn(2, 4, 4, dtype=F64))  # warm the statistics in training mode
+    layer.eval()
+    cells = cells_like(layer)
+    calls = [(torch.randn(2, 6, 4, dtype=F64), torch.randn(3, 2, 6, dtype=F64), torch.randn(3, 2, 6, dtype=F64))]
+    assert_layer_matches_cells(layer, cells, calls, batch_first=True)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_multilayer_training_with_state_carry(cell):
+    torch.manual_seed(2)
+    layer = make_layer(cell, "online", num_layers=2)
+    cells = cells_like(layer)
+    calls = [(torch.randn(4, 2, 4, dtype=F64), None, None), (torch.randn(3, 2, 4, dtype=F64), None, None)]
+    assert_layer_matches_cells(layer, cells, calls)
+
+
+def test_dropout_in_training_changes_outputs_between_layers_only():
+    torch.manual_seed(3)
+    layer = seqnorm.LSTM(4, 6, num_layers=2, dropout=0.5, norm=None)
+    x = torch.randn(5, 2, 4)
+    a, b = layer(x)[0], layer(x)[0]
+    assert not torch.allclose(a, b)
+    layer.dropout = 0.0
+    torch.testing.assert_close(layer(x)[0], layer(x)[0])
+
+
+@pytest.mark.parametrize("num_layers, batch_first, bias", [(1, False, True), (2, True, True), (2, False, False)])
+def test_torch_lstm_checkpoint_loads_and_matches_with_norm_none(num_layers, batch_first, bias):
+    torch.manual_seed(4)
+    ref = torch.nn.LSTM(5, 7, num_layers=num_layers, batch_first=batch_first, bias=bias)
+    ours = seqnorm.LSTM(5, 7, num_layers=num_layers, batch_first=batch_first, bias=bias, norm=None)
+    result = ours.load_state_dict(ref.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    x = torch.randn(3, 4, 5) if not batch_first else torch.randn(4, 3, 5)
+    h0, c0 = torch.randn(num_layers, 4, 7), torch.randn(num_layers, 4, 7)  # batch is 4 either way
+    for args in ((x,), (x, (h0, c0))):
+        out_r, (h_r, c_r) = ref(*args)
+        out_o, (h_o, c_o) = ours(*args)
+        torch.testing.assert_close(out_o, out_r, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(h_o, h_r, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(c_o, c_r, rtol=1e-5, atol=1e-6)
+    online = seqnorm.LSTM(5, 7, num_layers=num_layers, batch_first=batch_first, bias=bias)
+    missing = online.load_state_dict(ref.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("norm_l") for k in missing)
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_torch_rnn_checkpoint_loads_and_matches_with_norm_none(nonlinearity):
+    torch.manual_seed(5)
+    ref = torch.nn.RNN(5, 7, num_layers=2, nonlinearity=nonlinearity)
+    ours = seqnorm.RNN(5, 7, num_layers=2, nonlinearity=nonlinearity, norm=None)
+    ours.load_state_dict(ref.state_dict())
+    x, h0 = torch.randn(6, 3, 5), torch.randn(2, 3, 7)
+    out_r, h_r = ref(x, h0)
+    out_o, h_o = ours(x, h0)
+    torch.testing.assert_close(out_o, out_r, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h_o, h_r, rtol=1e-5, atol=1e-6)
+
+
+def test_unbatched_input_equals_batch_of_one():
+    torch.manual_seed(6)
+    layer = seqnorm.LSTM(4, 6, num_layers=2, norm="layer")
+    x, h0, c0 = torch.randn(5, 4), torch.randn(2, 6), torch.randn(2, 6)
+    out, (h, c) = layer(x, (h0, c0))
+    out_b, (h_b, c_b) = layer(x[:, None], (h0[:, None], c0[:, None]))
+    torch.testing.assert_close(out, out_b[:, 0])
+    torch.testing.assert_close(h, h_b[:, 0])
+    assert out.shape == (5, 6) and h.shape == (2, 6)
+
+
+@pytest.mark.parametrize("cls", [seqnorm.LSTM, seqnorm.RNN])
+def test_eval_mode_freezes_statistics(cls):
+    torch.manual_seed(7)
+    layer = cls(4, 6)
+    layer(torch.randn(5, 3, 4))[0].sum().backward()
+    layer.eval()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer(torch.randn(5, 3, 4))[0].sum().backward()
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_state_dict_round_trip_restores_online_state_exactly():
+    torch.manual_seed(8)
+    a = seqnorm.LSTM(4, 6, num_layers=2)
+    for _ in range(3):
+        a(torch.randn(5, 3, 4) * 2)[0].pow(2).sum().backward()
+    b = seqnorm.LSTM(4, 6, num_layers=2)
+    b.load_state_dict(a.state_dict())
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    assert not torch.equal(a.norm_l0.control_v, torch.zeros(24))  # the control state was written
+    x = torch.randn(4, 3, 4)
+    out_a, out_b = a(x)[0], b(x)[0]
+    assert torch.equal(out_a, out_b)
+    out_a.sum().backward()
+    out_b.sum().backward()
+    assert torch.equal(a.norm_l1.control_u, b.norm_l1.control_u)
+
+
+def test_cpu_autocast_keeps_float32_statistics_and_finite_outputs():
+    torch.manual_seed(9)
+    layer = seqnorm.LSTM(4, 6)
+    x = torch.randn(5, 3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, (h, c) = layer(x)
+    out.float().sum().backward()
+    assert layer.norm_l0.running_var.dtype == torch.float32
+    assert torch.isfinite(out.float()).all() and torch.isfinite(layer.weight_hh_l0.grad).all()
+
+
+def test_memory_cell_normalization_flag_on_cells():
+    torch.manual_seed(10)
+    plain, normed = LSTMCell(3, 4), LSTMCell(3, 4, norm_cell=True)
+    normed.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.randn(5, 3)
+    h1, c1 = plain(x)
+    h2, c2 = normed(x)
+    torch.testing.assert_close(c1, c2)  # the carried memory cell is never normalized
+    assert not torch.allclose(h1, h2)
+
+
+@pytest.mark.parametrize(
+    "make, call, error, match",
+    [
+        (lambda: seqnorm.LSTM(4, 6), lambda m: m(torch.randn(5, 3, 2, 4)), ValueError, "input"),
+        (lambda: seqnorm.LSTM(4, 6), lambda m: m(torch.randn(5, 3, 5)), ValueError, "input_size"),
+        (lambda: seqnorm.LSTM(4, 6), lambda m: m(torch.randn(5, 3, 4), (torch.randn(1, 2, 6), torch.randn(1, 3, 6))), ValueError, "h_0"),
+        (lambda: seqnorm.LSTM(4, 6), lambda m: m(torch.randn(5, 3, 4), (torch.randn(1, 3, 6), torch.randn(1, 3, 7))), ValueError, "c_0"),
+        (lambda: seqnorm.LSTM(4, 6), lambda m: m(torch.randn(5, 3, 4), torch.randn(1, 3, 6)), TypeError, "hx"),
+        (lambda: seqnorm.RNN(4, 6, num_layers=2), lambda m: m(torch.randn(5, 3, 4), torch.randn(1, 3, 6)), ValueError, "h_0"),
+        (lambda: seqnorm.LSTM(4, 6), lambda m: m(torch.ones(5, 3, 4, dtype=torch.long)), TypeError, "floating"),
+        (lambda: seqnorm.LSTM(4, 6), lambda m: m(torch.zeros(0, 3, 4)), ValueError, "empty"),
+        (lambda: seqnorm.LSTM(4, 6), lambda m: m(torch.randn(5, 3, 4, device="meta")), ValueError, "meta"),
+        (lambda: seqnorm.RNN(4, 6), lambda m: m(torch.randn(5, 3, 4), torch.randn(1, 3, 6, device="meta")), ValueError, "meta"),
+        (lambda: LSTMCell(4, 6), lambda m: m(torch.randn(3, 5)), ValueError, "input"),
+        (lambda: LSTMCell(4, 6), lambda m: m(torch.randn(3, 4), (torch.randn(3, 6), torch.randn(2, 6))), ValueError, "hx"),
+        (lambda: RNNCell(4, 6), lambda m: m(torch.ones(3, 4, dtype=torch.int32)), TypeError, "floating"),
+    ],
+)
+def test_bad_input_raises_clear_error_and_leaves_state_unchanged(make, call, error, match):
+    torch.manual_seed(11)
+    m = make()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(error, match=match):
+        call(m)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(norm="batch"), ValueError, "norm"),
+        (dict(ecm="clip"), ValueError, "ecm"),
+        (dict(alpha_fwd=1.5), ValueError, "alpha_fwd"),
+        (dict(alpha_bkw=0), ValueError, "alpha_bkw"),
+        (dict(dropout=2.0), ValueError, "dropout"),
+        (dict(num_layers=0), ValueError, "num_layers"),
+        (dict(unknown=1), TypeError, "unknown"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        seqnorm.LSTM(4, 6, **kwargs)
+    with pytest.raises(ValueError, match="nonlinearity"):
+        seqnorm.RNN(4, 6, nonlinearity="gelu")
+
+
+def test_norm_none_string_is_accepted():
+    assert seqnorm.LSTM(4, 6, norm="none").norm_type is None
