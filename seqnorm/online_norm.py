@@ -104,7 +104,7 @@ def _backward_scan(g, y, s, state, alpha_bkw):
     beta = 1 - alpha_bkw
     # eq. 11: v[n+1] = v[n] + mean(gt*y) = (1 - beta*mean(y^2)) v[n] + mean(g*y)
     a = 1 - beta * (y * y).mean(-1)
-    prod = torch.cumprod(a, 0) if scan.cumprod_is_safe(a).item() else None
+    prod = torch.cumprod(a, 0) if scan.cumprod_is_safe(a)[0] else None
     v_all = scan.var_scan(state.v.to(g.dtype), a, (g * y).mean(-1), prod)
     gt = g - beta * v_all[:-1, :, None] * y  # eq. 11a
     # eq. 12: u[n+1] = u[n] + mean(x') = alpha_bkw u[n] + mean(gt)/s

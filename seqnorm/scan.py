@@ -10,6 +10,7 @@ All functions return ``h`` of shape (N + 1, ...): ``h[n]`` is the state
 *before* row n is processed and ``h[N]`` the state after the last row.
 """
 import functools
+import math
 
 import torch
 
@@ -17,7 +18,7 @@ _CHUNK = 256  # rows per matmul block in const_scan; bounds the matrix size
 
 
 @functools.lru_cache(maxsize=64)
-def _const_matrix(alpha: float, scale: float, n: int, dtype, device) -> torch.Tensor:
+def const_matrix(alpha: float, scale: float, n: int, dtype, device) -> torch.Tensor:
     """(n+1, n+1) matrix M with [h0; b] -> h for h[k+1] = alpha*h[k] + scale*b[k].
 
     M[i, 0] = alpha**i and M[i, k+1] = scale * alpha**(i-1-k) for k < i.
@@ -38,7 +39,7 @@ def const_scan(h0: torch.Tensor, b: torch.Tensor, alpha: float, scale: float = 1
     out[0] = h0
     for start in range(0, n, _CHUNK):
         rows = min(_CHUNK, n - start)
-        m = _const_matrix(float(alpha), float(scale), rows, b.dtype, b.device)
+        m = const_matrix(float(alpha), float(scale), rows, b.dtype, b.device)
         block = torch.cat([out[start : start + 1], b[start : start + rows]])
         torch.mm(m[1:], block, out=out[start + 1 : start + rows + 1])
     return out
@@ -71,11 +72,12 @@ def var_scan(h0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, prod: torch.Ten
     return out
 
 
-def cumprod_is_safe(a: torch.Tensor, min_prod: float = 1e-20) -> torch.Tensor:
+def cumprod_is_safe(a: torch.Tensor, min_prod: float = 1e-20) -> list[bool]:
     """Per leading index: whether var_scan's closed form is safe for a (..., N, C).
 
-    Needs every coefficient positive and the running product far from underflow,
-    so that dividing by it loses no precision.
+    Needs every coefficient positive and the running product far from underflow
+    (bounded below by min(a)**N), so that dividing by it loses no precision.
     """
-    log_prod = a.clamp_min(1e-30).log().sum(-2).amin(-1)
-    return (a.amin((-2, -1)) > 0) & (log_prod > torch.log(torch.tensor(min_prod)).item())
+    rows = a.shape[-2]
+    lowest = a.amin((-2, -1)).reshape(-1).tolist()
+    return [low > 0 and rows * math.log(low) > math.log(min_prod) for low in lowest]

@@ -8,18 +8,18 @@ state: the forward processes the rows of step t (in row order) before those
 of step t+1, and the backward runs the control process for step T-1 first,
 rows 0..B-1 within each step, as per-step autograd calls would.
 
-Each step is split in two parts with a forward and a backward each:
-a normalizer step (``_OnlineStep``, ``_LayerStep``, ``_Identity``, which
-include the affine and, for online, the ECM) and a cell step (``_LSTMStep``,
-``_RNNStep``).  Quantities that depend only on saved forward values are
-computed for all T at once when the backward starts.
+Each step is split in two parts with a forward and a backward each: a
+normalizer step (``_OnlineStep``, ``_LayerStep``, ``_NoNorm``; affine and,
+for online, the ECM included) and a cell step (``_LSTMStep``, ``_RNNStep``).
+On CPU the cost is the number of small ops per time step, so the steps write
+into preallocated buffers (``out=``), and everything that depends only on
+saved forward values is computed for all T at once when the backward starts.
 """
 from dataclasses import dataclass
 
 import torch
 
 from . import scan
-from .online_norm import OnlineNormState
 from .norms import OnlineNormConfig
 
 
@@ -39,24 +39,12 @@ class RecurrenceSpec:
         return 4 if self.cell == "lstm" else 1
 
 
+def _steps(t: torch.Tensor) -> tuple:
+    """Per-step views of a (T, ...) buffer, made once instead of once per index."""
+    return t.unbind(0)
+
+
 # --- normalizer steps: pre-activation -> z (what the nonlinearities see) -----
-
-
-class _Identity:
-    def __init__(self, spec, state, gamma, beta, T, B, dtype):
-        pass
-
-    def forward(self, pre, t):
-        return pre
-
-    def start_backward(self):
-        pass
-
-    def backward(self, dz, t):
-        return dz
-
-    def param_grads(self):
-        return None, None
 
 
 class _Affine:
@@ -64,17 +52,21 @@ class _Affine:
 
     def __init__(self, gamma, beta, y_all):
         self.gamma, self.beta, self.y_all = gamma, beta, y_all
-        self.da_all = None
+        self.da_all = torch.empty_like(y_all) if gamma is not None else None
+        self.da_steps = _steps(self.da_all) if gamma is not None else None
 
     def forward(self, y):
         return y if self.gamma is None else torch.addcmul(self.beta, y, self.gamma)
 
+    def grad_out(self, t):
+        """Where the ECM backward may write dL/da of step t (None: anywhere)."""
+        return None if self.gamma is None else self.da_steps[t]
+
     def backward(self, da, t):
         if self.gamma is None:
             return da
-        if self.da_all is None:
-            self.da_all = da.new_empty(self.y_all.shape)
-        self.da_all[t] = da
+        if da.data_ptr() != self.da_steps[t].data_ptr():
+            self.da_steps[t].copy_(da)
         return da * self.gamma
 
     def param_grads(self):
@@ -84,95 +76,138 @@ class _Affine:
 
 
 class _OnlineStep:
-    """DESIGN §2 on the B rows of each step, then affine and ECM (per gate)."""
+    """DESIGN §2 on the B rows of each step, then affine and ECM (per gate).
 
-    def __init__(self, spec, state, gamma, beta, T, B, dtype):
-        self.cfg, self.state, self.H, self.training = spec.config, state, spec.hidden_size, spec.training
-        width = spec.gates * spec.hidden_size
-        self.y_all = torch.empty(T, B, width, dtype=dtype, device=gamma.device if gamma is not None else state.mu.device)
-        self.rstd_all = torch.empty_like(self.y_all) if self.training else None
-        self.inv_zeta = torch.empty(T, B, spec.gates, 1, dtype=dtype, device=self.y_all.device)
-        self.mask_all = None
+    The row recurrences of one step are small matmuls with the constant
+    matrices of ``scan.const_matrix``: [mu; x] -> mu before each row and after
+    the last.  ``pre_buffer`` is row 1.. of that [mu; x] block, so the recurrent
+    matmul writes the pre-activation straight into place.
+    """
+
+    def __init__(self, spec, state, gamma, beta, T, B, dtype, device):
+        c = self.cfg = spec.config
+        self.state, self.H, self.training, self.G = state, spec.hidden_size, spec.training, spec.gates
+        C = spec.gates * spec.hidden_size
+        new = lambda *shape: torch.empty(*shape, dtype=dtype, device=device)  # noqa: E731
+        self.y_all = new(T, B, C)
+        self.y_steps = _steps(self.y_all)
         self.affine = _Affine(gamma, beta, self.y_all)
-        self.mu, self.var = state.mu.to(dtype), state.var.to(dtype)
-        if not self.training:
-            self.frozen_rstd = torch.rsqrt(self.var + self.cfg.eps)
-
-    def forward(self, pre, t):
-        c = self.cfg
-        y = self.y_all[t]
+        self.x_block, self.v_block = new(B + 1, C), new(B + 1, C)  # [mu; x] and [var; d^2]
+        self.x_block[0], self.v_block[0] = state.mu, state.var
+        self.mu_all, self.var_all, self.d = new(B + 1, C), new(B + 1, C), new(B, C)
+        # views used every step, made once: rows 1.. of the blocks, before-row and final states
+        self.x_rows, self.d2_rows = self.x_block[1:], self.v_block[1:]
+        self.mu_before, self.var_before = self.mu_all[:-1], self.var_all[:-1]
+        self.mu_first, self.mu_last = self.x_block[0], self.mu_all[-1]
+        self.var_first, self.var_last = self.v_block[0], self.var_all[-1]
         if self.training:
-            mu_all = scan.const_scan(self.mu, pre, c.alpha_fwd, 1 - c.alpha_fwd)  # eq. 8b
-            d = pre - mu_all[:-1]
-            var_all = scan.const_scan(self.var, d * d, c.alpha_fwd, c.alpha_fwd * (1 - c.alpha_fwd))  # eq. 8c
-            rstd = torch.add(var_all[:-1], c.eps, out=self.rstd_all[t]).rsqrt_()
-            torch.mul(d, rstd, out=y)  # eq. 8a
-            self.mu, self.var = mu_all[-1], var_all[-1]
+            self.m_mu = scan.const_matrix(c.alpha_fwd, 1 - c.alpha_fwd, B, dtype, device)  # eq. 8b
+            self.m_var = scan.const_matrix(c.alpha_fwd, c.alpha_fwd * (1 - c.alpha_fwd), B, dtype, device)  # eq. 8c
+            self.rstd_all = new(T, B, C)
+            self.rstd_steps = _steps(self.rstd_all)
         else:
-            torch.mul(pre - self.mu, self.frozen_rstd, out=y)
+            self.frozen_rstd = torch.rsqrt(state.var.to(dtype) + c.eps)
+        if c.ecm == "ls":
+            self.inv_zeta = new(T, B, spec.gates)
+            self.inv_zeta_steps = _steps(self.inv_zeta)
+        if c.ecm == "ac":
+            self.mask_all = torch.empty(T, B, C, dtype=torch.bool, device=device)
+            self.mask_steps = _steps(self.mask_all)
+
+    def pre_buffer(self, t):
+        return self.x_rows
+
+    def forward(self, t):
+        c, pre, y = self.cfg, self.x_rows, self.y_steps[t]
+        if self.training:
+            torch.mm(self.m_mu, self.x_block, out=self.mu_all)  # mean before each row (eq. 8b)
+            d = torch.sub(pre, self.mu_before, out=self.d)
+            torch.mul(d, d, out=self.d2_rows)
+            torch.mm(self.m_var, self.v_block, out=self.var_all)  # variance before each row (eq. 8c)
+            rstd = torch.add(self.var_before, c.eps, out=self.rstd_steps[t]).rsqrt_()
+            torch.mul(d, rstd, out=y)  # eq. 8a
+            self.mu_first.copy_(self.mu_last)
+            self.var_first.copy_(self.var_last)
+        else:
+            torch.mul(pre - self.mu_first, self.frozen_rstd, out=y)
         a = self.affine.forward(y)
         if c.ecm == "ls":  # eq. 9, per gate
-            grouped = a.view(a.shape[0], -1, self.H)
-            inv = torch.linalg.vecdot(grouped, grouped).unsqueeze(-1).mul_(1.0 / self.H).add_(c.ls_eps).rsqrt_()
-            self.inv_zeta[t] = inv
-            return (grouped * inv).view_as(a)
+            grouped = a.view(a.shape[0], self.G, self.H)
+            inv = torch.linalg.vecdot(grouped, grouped, out=self.inv_zeta_steps[t])
+            inv.mul_(1.0 / self.H).add_(c.ls_eps).rsqrt_()
+            return (grouped * inv.unsqueeze(-1)).view_as(a)
         if c.ecm == "ac":
-            if self.mask_all is None:
-                self.mask_all = torch.empty(self.y_all.shape, dtype=torch.bool, device=a.device)
-            torch.lt(a.abs(), c.clamp_value, out=self.mask_all[t])
+            torch.lt(a.abs(), c.clamp_value, out=self.mask_steps[t])
             return a.clamp(-c.clamp_value, c.clamp_value)
         return a
 
     def finish_forward(self):
         if self.training:
-            self.state.mu.copy_(self.mu)
-            self.state.var.copy_(self.var)
+            self.state.mu.copy_(self.x_block[0])
+            self.state.var.copy_(self.v_block[0])
 
-    def start_backward(self):
+    def start_backward(self, B):
         c = self.cfg
-        if c.ecm == "ls":  # z and z * inv_zeta for eq. 10, all steps at once
-            a = self.y_all if self.affine.gamma is None else torch.addcmul(self.affine.beta, self.y_all, self.affine.gamma)
-            shape = a.shape[:2] + (-1, self.H)
-            self.z_all = a.view(shape) * self.inv_zeta
-            self.zi_all = self.z_all * self.inv_zeta
-        if self.training:  # eq. 11 as v[n+1] = a[n] v[n] + b[n], a = 1 - beta y^2
-            beta = 1 - c.alpha_bkw
-            self.coef_all = torch.addcmul(torch.ones_like(self.y_all), self.y_all, self.y_all, value=-beta)
-            self.safe = scan.cumprod_is_safe(self.coef_all).tolist()
-            self.prod_all = torch.cumprod(self.coef_all, 1)
-            self.u, self.v = self.state.u.to(self.y_all.dtype), self.state.v.to(self.y_all.dtype)
+        if c.ecm == "ls":  # z and z / zeta for eq. 10, all steps at once
+            a = self.affine.forward(self.y_all).view(self.y_all.shape[:2] + (self.G, self.H))
+            iz = self.inv_zeta.unsqueeze(-1)
+            z = a * iz
+            self.z_steps, self.zi_steps, self.iz_steps = _steps(z), _steps(z * iz), _steps(iz)
+            self.dot = self.inv_zeta.new_empty(self.inv_zeta.shape[1:])
+        if not self.training:
+            return
+        beta, dtype, device = 1 - c.alpha_bkw, self.y_all.dtype, self.y_all.device
+        # eq. 11 as v[n+1] = coef[n] v[n] + g[n] y[n], coef = 1 - beta y^2: closed form via cumprod
+        coef = torch.addcmul(torch.ones((), dtype=dtype, device=device), self.y_all, self.y_all, value=-beta)
+        prod = torch.cumprod(coef, 1)
+        self.safe, self.coef_steps = scan.cumprod_is_safe(coef), _steps(coef)
+        self.prod_steps, self.inv_prod_steps = _steps(prod), _steps(prod.reciprocal())
+        self.m_u = scan.const_matrix(c.alpha_bkw, 1.0, B, dtype, device)  # eq. 12b
+        C = self.y_all.shape[-1]
+        self.u_block, self.v_block_b = self.y_all.new_empty(B + 1, C), self.y_all.new_empty(B + 1, C)
+        self.u_block[0], self.v_block_b[0] = self.state.u, self.state.v
+        self.u_all, self.tmp = self.y_all.new_empty(B + 1, C), self.y_all.new_empty(B, C)
+        self.w_rows, self.u_before, self.u_first, self.u_last = self.u_block[1:], self.u_all[:-1], self.u_block[0], self.u_all[-1]
+        self.v_rows, self.v_before = self.v_block_b[1:], self.v_block_b[:-1]
+        self.v_first, self.v_last = self.v_block_b[0], self.v_block_b[-1]
 
-    def backward(self, dz, t):
+    def backward(self, dz, t, out):
         c = self.cfg
         if c.ecm == "ls":  # eq. 10: (dz - z * mean(z dz)) / zeta, per gate
-            dzg = dz.view(self.z_all.shape[1:])
-            m = torch.linalg.vecdot(self.z_all[t], dzg).unsqueeze(-1)
-            da = (dzg * self.inv_zeta[t]).addcmul_(self.zi_all[t], m, value=-1.0 / self.H).view_as(dz)
+            dzg = dz.view(self.z_steps[t].shape)
+            m = torch.linalg.vecdot(self.z_steps[t], dzg, out=self.dot).unsqueeze(-1)
+            da_out = self.affine.grad_out(t)
+            da = torch.mul(dzg, self.iz_steps[t], out=None if da_out is None else da_out.view_as(dzg))
+            da = da.addcmul_(self.zi_steps[t], m, value=-1.0 / self.H).view_as(dz)
         elif c.ecm == "ac":
-            da = dz * self.mask_all[t]
+            da = dz * self.mask_steps[t]
         else:
             da = dz
         dy = self.affine.backward(da, t)
         if not self.training:
-            return dy * self.frozen_rstd
-        return self._control(dy, t)
+            return torch.mul(dy, self.frozen_rstd, out=out)
+        return self._control(dy, t, out)
 
-    def _control(self, g, t):
-        """Eqs. 11-12 over the rows of step t, in row order."""
-        beta = 1 - self.cfg.alpha_bkw
-        y = self.y_all[t]
-        prod = self.prod_all[t] if self.safe[t] else None
-        v_all = scan.var_scan(self.v, self.coef_all[t], g * y, prod)
-        gt = torch.addcmul(g, v_all[:-1], y, value=-beta)  # eq. 11a
-        w = gt.mul_(self.rstd_all[t])
-        u_all = scan.const_scan(self.u, w, self.cfg.alpha_bkw)  # eq. 12b
-        self.u, self.v = u_all[-1], v_all[-1]
-        return w.sub_(u_all[:-1], alpha=beta)  # eq. 12a
+    def _control(self, g, t, out):
+        """Eqs. 11-12 over the rows of step t, in row order; writes dL/dx to ``out``."""
+        beta, y = 1 - self.cfg.alpha_bkw, self.y_steps[t]
+        if self.safe[t]:  # v[n] = P[n] (v[0] + sum_{k<n} g[k] y[k] / P[k+1])
+            gy = torch.mul(g, y, out=self.tmp).mul_(self.inv_prod_steps[t])
+            torch.mul(torch.cumsum(gy, 0).add_(self.v_first), self.prod_steps[t], out=self.v_rows)
+        else:
+            self.v_block_b.copy_(scan.var_scan(self.v_first, self.coef_steps[t], g * y))
+        w = torch.addcmul(g, self.v_before, y, value=-beta, out=self.w_rows)  # eq. 11a
+        w.mul_(self.rstd_steps[t])
+        torch.mm(self.m_u, self.u_block, out=self.u_all)  # u before each row (eq. 12b)
+        torch.sub(w, self.u_before, alpha=beta, out=out)  # eq. 12a
+        self.u_first.copy_(self.u_last)
+        self.v_first.copy_(self.v_last)
+        return out
 
     def finish_backward(self):
         if self.training:
-            self.state.u.copy_(self.u)
-            self.state.v.copy_(self.v)
+            self.state.u.copy_(self.u_block[0])
+            self.state.v.copy_(self.v_block_b[0])
 
     def param_grads(self):
         return self.affine.param_grads()
@@ -181,35 +216,37 @@ class _OnlineStep:
 class _LayerStep:
     """Layer norm of each sample over each gate's H features, then affine."""
 
-    def __init__(self, spec, state, gamma, beta, T, B, dtype):
-        self.H, self.eps, G = spec.hidden_size, spec.config.eps, spec.gates
-        device = gamma.device if gamma is not None else None
-        self.pre_all = torch.empty(T, B * G, self.H, dtype=dtype, device=device)
-        self.y_all = torch.empty(T, B, G * self.H, dtype=dtype, device=device)
-        self.mean_all = torch.empty(T, B * G, 1, dtype=dtype, device=device)
-        self.rstd_all = torch.empty_like(self.mean_all)
+    def __init__(self, spec, state, gamma, beta, T, B, dtype, device):
+        self.H, self.eps = spec.hidden_size, spec.config.eps
+        self.pre_all = torch.empty(T, B, spec.gates * self.H, dtype=dtype, device=device)
+        self.pre_steps = _steps(self.pre_all)
+        self.y_all = torch.empty_like(self.pre_all)
+        self.y_steps = _steps(self.y_all)
+        self.mean, self.rstd = [], []
         self.affine = _Affine(gamma, beta, self.y_all)
 
-    def forward(self, pre, t):
-        grouped = pre.view(-1, self.H)
-        self.pre_all[t] = grouped
-        y, mean, rstd = torch.native_layer_norm(grouped, (self.H,), None, None, self.eps)
-        self.y_all[t] = y.view_as(pre)
-        self.mean_all[t], self.rstd_all[t] = mean, rstd
-        return self.affine.forward(self.y_all[t])
+    def pre_buffer(self, t):
+        return self.pre_steps[t]
+
+    def forward(self, t):
+        y, mean, rstd = torch.native_layer_norm(self.pre_steps[t].view(-1, self.H), (self.H,), None, None, self.eps)
+        self.y_steps[t].copy_(y.view_as(self.y_steps[t]))
+        self.mean.append(mean)
+        self.rstd.append(rstd)
+        return self.affine.forward(self.y_steps[t])
 
     def finish_forward(self):
         pass
 
-    def start_backward(self):
+    def start_backward(self, B):
         pass
 
-    def backward(self, dz, t):
+    def backward(self, dz, t, out):
         dy = self.affine.backward(dz, t).view(-1, self.H)
         dx, _, _ = torch.ops.aten.native_layer_norm_backward(
-            dy, self.pre_all[t], (self.H,), self.mean_all[t], self.rstd_all[t], None, None, (True, False, False)
+            dy, self.pre_steps[t].view(-1, self.H), (self.H,), self.mean[t], self.rstd[t], None, None, (True, False, False)
         )
-        return dx.view_as(dz)
+        return out.copy_(dx.view_as(dz))
 
     def finish_backward(self):
         pass
@@ -218,8 +255,26 @@ class _LayerStep:
         return self.affine.param_grads()
 
 
-class _NoNorm(_Identity):
+class _NoNorm:
+    def __init__(self, spec, state, gamma, beta, T, B, dtype, device):
+        self.pre = torch.empty(B, spec.gates * spec.hidden_size, dtype=dtype, device=device)
+
+    def pre_buffer(self, t):
+        return self.pre
+
+    def forward(self, t):
+        return self.pre
+
+    def backward(self, dz, t, out):
+        return out.copy_(dz)
+
+    def param_grads(self):
+        return None, None
+
     def finish_forward(self):
+        pass
+
+    def start_backward(self, B):
         pass
 
     def finish_backward(self):
@@ -241,14 +296,15 @@ class _LSTMStep:
         self.c_all = torch.empty(T + 1, B, H, dtype=dtype, device=device)
         self.c_all[0] = c0
         self.tc_all = torch.empty(T, B, H, dtype=dtype, device=device)
+        self.act_steps, self.c_steps, self.tc_steps = _steps(self.act_all), _steps(self.c_all), _steps(self.tc_all)
 
     def forward(self, z, t, h_out):
-        H, act = self.H, self.act_all[t]
+        H, act = self.H, self.act_steps[t]
         torch.sigmoid(z, out=act)
         torch.tanh(z[:, 2 * H : 3 * H], out=act[:, 2 * H : 3 * H])
         i, f, g, o = act[:, :H], act[:, H : 2 * H], act[:, 2 * H : 3 * H], act[:, 3 * H :]
-        c = torch.mul(f, self.c_all[t], out=self.c_all[t + 1]).addcmul_(i, g)
-        torch.mul(o, torch.tanh(c, out=self.tc_all[t]), out=h_out)
+        c = torch.mul(f, self.c_steps[t], out=self.c_steps[t + 1]).addcmul_(i, g)
+        torch.mul(o, torch.tanh(c, out=self.tc_steps[t]), out=h_out)
 
     def final_cell(self):
         return self.c_all[-1]
@@ -260,18 +316,20 @@ class _LSTMStep:
         i, f, g, o = act[..., :H], act[..., H : 2 * H], act[..., 2 * H : 3 * H], act[..., 3 * H :]
         T, B = act.shape[:2]
         # dz_{i,f,g} = dc * [g, c_prev, i] * deriv, dz_o = dh * tanh(c') * deriv_o
-        self.k_ifg = torch.stack([g, self.c_all[:-1], i], 2).mul_(deriv[..., : 3 * H].view(T, B, 3, H))
-        self.k_o = tc * deriv[..., 3 * H :]
-        self.k_c = o * (1 - tc * tc)  # dc += dh * o * (1 - tanh(c')^2)
-        self.f = f
-        self.dc = dc_last.clone()
+        self.k_ifg = _steps(torch.stack([g, self.c_all[:-1], i], 2).mul_(deriv[..., : 3 * H].view(T, B, 3, H)))
+        self.k_o = _steps(tc * deriv[..., 3 * H :])
+        self.k_c = _steps(o * (1 - tc * tc))  # dc += dh * o * (1 - tanh(c')^2)
+        self.f = _steps(f)
+        self.dc, self.dc_next = dc_last.clone(), torch.empty_like(dc_last)
+        self.dz = torch.empty(B, 4 * H, dtype=act.dtype, device=act.device)
 
     def backward(self, dh, t):
+        H, dz = self.H, self.dz
         dc = self.dc.addcmul_(dh, self.k_c[t])
-        dz = dh.new_empty(dh.shape[0], 4 * self.H)
-        torch.mul(dc.unsqueeze(1), self.k_ifg[t], out=dz[:, : 3 * self.H].view(-1, 3, self.H))
-        torch.mul(dh, self.k_o[t], out=dz[:, 3 * self.H :])
-        self.dc = dc * self.f[t]
+        torch.mul(dc.unsqueeze(1), self.k_ifg[t], out=dz[:, : 3 * H].view(-1, 3, H))
+        torch.mul(dh, self.k_o[t], out=dz[:, 3 * H :])
+        torch.mul(dc, self.f[t], out=self.dc_next)
+        self.dc, self.dc_next = self.dc_next, self.dc
         return dz
 
     def initial_cell_grad(self):
@@ -284,20 +342,21 @@ class _RNNStep:
     def __init__(self, H, T, B, dtype, device, nonlinearity):
         self.relu = nonlinearity == "relu"
         self.h_all = torch.empty(T, B, H, dtype=dtype, device=device)
+        self.h_steps = _steps(self.h_all)
 
     def forward(self, z, t, h_out):
         if self.relu:
             torch.clamp(z, min=0, out=h_out)
         else:
             torch.tanh(z, out=h_out)
-        self.h_all[t] = h_out
+        self.h_steps[t].copy_(h_out)
 
     def final_cell(self):
         return None
 
     def start_backward(self, dc_last):
         h = self.h_all
-        self.deriv = (h > 0).to(h.dtype) if self.relu else 1 - h * h
+        self.deriv = _steps((h > 0).to(h.dtype) if self.relu else 1 - h * h)
 
     def backward(self, dh, t):
         return dh * self.deriv[t]
@@ -312,43 +371,45 @@ class RecurrenceFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, state, xproj, h0, c0, w_hh, gamma, beta):
         T, B, _ = xproj.shape
-        dtype = torch.promote_types(xproj.dtype, torch.float32)
+        dtype, device = torch.promote_types(xproj.dtype, torch.float32), xproj.device
         xp, w = xproj.to(dtype), w_hh.to(dtype)
         g, b = (None, None) if gamma is None else (gamma.to(dtype), beta.to(dtype))
-        norm = NORM_STEPS[spec.norm](spec, state, g, b, T, B, dtype)
+        norm = NORM_STEPS[spec.norm](spec, state, g, b, T, B, dtype, device)
         if spec.cell == "lstm":
-            cell = _LSTMStep(spec.hidden_size, T, B, dtype, xp.device, c0.to(dtype))
+            cell = _LSTMStep(spec.hidden_size, T, B, dtype, device, c0.to(dtype))
         else:
-            cell = _RNNStep(spec.hidden_size, T, B, dtype, xp.device, spec.nonlinearity)
-        h_all = torch.empty(T + 1, B, spec.hidden_size, dtype=dtype, device=xp.device)
+            cell = _RNNStep(spec.hidden_size, T, B, dtype, device, spec.nonlinearity)
+        h_all = torch.empty(T + 1, B, spec.hidden_size, dtype=dtype, device=device)
         h_all[0] = h0
-        w_t = w.t()
+        h_steps, xp_steps, w_t = _steps(h_all), _steps(xp), w.t()
         for t in range(T):
-            cell.forward(norm.forward(torch.addmm(xp[t], h_all[t], w_t), t), t, h_all[t + 1])
+            torch.addmm(xp_steps[t], h_steps[t], w_t, out=norm.pre_buffer(t))
+            cell.forward(norm.forward(t), t, h_steps[t + 1])
         norm.finish_forward()
         ctx.spec, ctx.norm, ctx.cell, ctx.w = spec, norm, cell, w
         ctx.dtypes = (xproj.dtype, h0.dtype, None if c0 is None else c0.dtype, w_hh.dtype, None if gamma is None else gamma.dtype)
         ctx.save_for_backward(h_all)
-        out = h_all[1:].to(xproj.dtype)
         c_last = cell.final_cell()
-        return out, h_all[-1].to(xproj.dtype), None if c_last is None else c_last.to(xproj.dtype)
+        return h_all[1:].to(xproj.dtype), h_all[-1].to(xproj.dtype), None if c_last is None else c_last.to(xproj.dtype)
 
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn):
         (h_all,) = ctx.saved_tensors
         norm, cell, w = ctx.norm, ctx.cell, ctx.w
         T, B, H = h_all.shape[0] - 1, h_all.shape[1], h_all.shape[2]
-        dtype = h_all.dtype
-        d_out = torch.zeros(T, B, H, dtype=dtype, device=h_all.device) if d_out is None else d_out.to(dtype)
-        dh = torch.zeros(B, H, dtype=dtype, device=h_all.device) if d_hn is None else d_hn.to(dtype).clone()
+        dtype, device = h_all.dtype, h_all.device
+        dh = torch.zeros(B, H, dtype=dtype, device=device) if d_hn is None else d_hn.to(dtype).clone()
         dc = torch.zeros_like(dh) if d_cn is None else d_cn.to(dtype)
-        norm.start_backward()
+        d_out_steps = None if d_out is None else _steps(d_out.to(dtype))
+        norm.start_backward(B)
         cell.start_backward(dc)
-        d_pre = torch.empty(T, B, w.shape[0], dtype=dtype, device=h_all.device)
+        d_pre = torch.empty(T, B, w.shape[0], dtype=dtype, device=device)
+        d_pre_steps = _steps(d_pre)
         for t in range(T - 1, -1, -1):
-            dh.add_(d_out[t])
-            d_pre[t] = norm.backward(cell.backward(dh, t), t)
-            dh = torch.mm(d_pre[t], w)
+            if d_out_steps is not None:
+                dh.add_(d_out_steps[t])
+            norm.backward(cell.backward(dh, t), t, d_pre_steps[t])
+            torch.mm(d_pre_steps[t], w, out=dh)
         norm.finish_backward()
         d_w = torch.mm(d_pre.view(T * B, -1).t(), h_all[:-1].reshape(T * B, H))
         d_gamma, d_beta = norm.param_grads()
