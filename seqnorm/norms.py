@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _checks
+from ._params import add_affine
 from .ecm import ECM_CHOICES
 from .online_norm import OnlineNorm
 
@@ -52,12 +53,7 @@ class GroupLayerNorm(nn.Module):
         if num_features % group_size:
             raise ValueError(f"group_size {group_size} must divide num_features {num_features}")
         self.num_features, self.group_size, self.eps, self.affine = num_features, group_size, eps, affine
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype))
-            self.bias = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        add_affine(self, num_features, affine, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import _checks, scan
+from ._params import add_affine
 from .ecm import ECM_CHOICES, apply_ecm
 
 IMPLS = ("scan", "loop")
@@ -203,12 +204,7 @@ class OnlineNorm(nn.Module):
         self.impl = _checks.check_choice("impl", impl, IMPLS)
         self.ls_group_size = group
         self.affine = affine
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype))
-            self.bias = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        add_affine(self, num_features, affine, device, dtype)
         state_dtype = torch.promote_types(dtype or torch.float32, torch.float32)
         init = OnlineNormState.initial(num_features, device=device, dtype=state_dtype)
         self.register_buffer("running_mean", init.mu)
