@@ -57,18 +57,21 @@ def _hillis_steele(h0: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.
     return acc
 
 
-def var_scan(h0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, prod: torch.Tensor | None = None) -> torch.Tensor:
+def var_scan(h0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, prod: torch.Tensor | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
     """h[k+1] = a[k] * h[k] + b[k] with per-row a; a, b of shape (N, C).
 
     With ``prod = cumprod(a)`` given (and every a > 0, see ``cumprod_is_safe``)
     this is the closed form h[n] = P[n] * (h0 + sum_{k<n} b[k] / P[k+1]) with
     P[n] = prod(a[:n]): a handful of ops.  Otherwise a Hillis-Steele scan.
+    ``out`` (N+1, C), if given, receives the result; it may hold h0 in row 0.
     """
+    if out is None:
+        out = b.new_empty((b.shape[0] + 1,) + b.shape[1:])
     if prod is None:
-        return _hillis_steele(h0, a, b)
-    out = b.new_empty((b.shape[0] + 1,) + b.shape[1:])
-    out[0] = h0
+        return out.copy_(_hillis_steele(h0, a, b))
     torch.mul(torch.cumsum(b / prod, 0).add_(h0), prod, out=out[1:])
+    out[0] = h0
     return out
 
 

@@ -161,14 +161,14 @@ class _OnlineStep:
         coef = torch.addcmul(torch.ones((), dtype=dtype, device=device), self.y_all, self.y_all, value=-beta)
         prod = torch.cumprod(coef, 1)
         self.safe, self.coef_steps = scan.cumprod_is_safe(coef), _steps(coef)
-        self.prod_steps, self.inv_prod_steps = _steps(prod), _steps(prod.reciprocal())
+        self.prod_steps = _steps(prod)
         self.m_u = scan.const_matrix(c.alpha_bkw, 1.0, B, dtype, device)  # eq. 12b
         C = self.y_all.shape[-1]
         self.u_block, self.v_block_b = self.y_all.new_empty(B + 1, C), self.y_all.new_empty(B + 1, C)
         self.u_block[0], self.v_block_b[0] = self.state.u, self.state.v
         self.u_all, self.tmp = self.y_all.new_empty(B + 1, C), self.y_all.new_empty(B, C)
         self.w_rows, self.u_before, self.u_first, self.u_last = self.u_block[1:], self.u_all[:-1], self.u_block[0], self.u_all[-1]
-        self.v_rows, self.v_before = self.v_block_b[1:], self.v_block_b[:-1]
+        self.v_before = self.v_block_b[:-1]
         self.v_first, self.v_last = self.v_block_b[0], self.v_block_b[-1]
 
     def backward(self, dz, t, out):
@@ -191,11 +191,8 @@ class _OnlineStep:
     def _control(self, g, t, out):
         """Eqs. 11-12 over the rows of step t, in row order; writes dL/dx to ``out``."""
         beta, y = 1 - self.cfg.alpha_bkw, self.y_steps[t]
-        if self.safe[t]:  # v[n] = P[n] (v[0] + sum_{k<n} g[k] y[k] / P[k+1])
-            gy = torch.mul(g, y, out=self.tmp).mul_(self.inv_prod_steps[t])
-            torch.mul(torch.cumsum(gy, 0).add_(self.v_first), self.prod_steps[t], out=self.v_rows)
-        else:
-            self.v_block_b.copy_(scan.var_scan(self.v_first, self.coef_steps[t], g * y))
+        prod = self.prod_steps[t] if self.safe[t] else None
+        scan.var_scan(self.v_first, self.coef_steps[t], torch.mul(g, y, out=self.tmp), prod, out=self.v_block_b)
         w = torch.addcmul(g, self.v_before, y, value=-beta, out=self.w_rows)  # eq. 11a
         w.mul_(self.rstd_steps[t])
         torch.mm(self.m_u, self.u_block, out=self.u_all)  # u before each row (eq. 12b)
