@@ -1,0 +1,197 @@
+"""``seqnorm-lm`` / ``python -m lm``: train, eval, compare, generate, data."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+
+from . import compare as compare_mod
+from .checkpoint import CheckpointError, check_vocab, load_model
+from .data import build_vocab, load_corpus, read_lines, resolve_data_dir, split_paths
+from .download import DownloadError, download_ptb
+from .evaluate import evaluate
+from .generate import generate
+from .model import CELLS, NORMS
+from .presets import PRESETS, get_preset
+from .train import TrainConfig, Trainer
+
+DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+DATA_HELP = "corpus folder with train/valid/test .txt (default: $SEQNORM_DATA, else data/ptb)"
+
+
+def _add(p, *flags, name, help, **kw):
+    """A train flag whose default comes from TrainConfig (or the preset); absent flags stay absent."""
+    p.add_argument(*flags, dest=name, default=argparse.SUPPRESS, help=help if DEFAULTS[name] is None else f"{help} (default: {DEFAULTS[name]})", **kw)
+
+
+def _optional_float(s: str):
+    return None if s.lower() == "none" else float(s)
+
+
+def add_train_parser(sub):
+    p = sub.add_parser("train", help="train a language model", description="Train a language model with truncated "
+                       "BPTT and SGD. Flags given explicitly override the preset's values.")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="one of the paper's six configurations")
+    p.add_argument("--resume", action="store_true", help="continue exactly from OUT/last.pt if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add(p, "--data", name="data", help=DATA_HELP)
+    _add(p, "--out", name="out", help="output folder for last.pt, best.pt, metrics.jsonl, summary.json")
+    _add(p, "--cell", name="cell", choices=CELLS, help="recurrent cell; *-cudnn are torch.nn's layers (norm none)")
+    _add(p, "--norm", name="norm", choices=NORMS, help="normalization of the gate pre-activations")
+    _add(p, "--nonlinearity", name="nonlinearity", choices=("tanh", "relu"), help="RNN nonlinearity")
+    _add(p, "--emsize", name="emsize", type=int, help="embedding size")
+    _add(p, "--nhid", name="nhid", type=int, help="hidden units per layer")
+    _add(p, "--nlayers", name="nlayers", type=int, help="recurrent layers")
+    _add(p, "--dropout", name="dropout", type=float, help="dropout on embeddings, between layers and on outputs")
+    p.add_argument("--no-tie", dest="tied", action="store_false", default=argparse.SUPPRESS,
+                   help="do not tie the decoder to the embedding (default: tied; tying needs emsize == nhid)")
+    _add(p, "--alpha-fwd", name="alpha_fwd", type=float, help="ON forward decay (None: 1-2^-13 LSTM, 1-2^-14 RNN)")
+    _add(p, "--alpha-bkw", name="alpha_bkw", type=float, help="ON backward decay (None: 1-2^-5 LSTM, 1-2^-7 RNN)")
+    _add(p, "--ecm", name="ecm", choices=("ls", "ac", "none"), help="ON error compensation")
+    _add(p, "--epochs", name="epochs", type=int, help="epochs")
+    _add(p, "--max-steps", name="max_steps", type=int, help="stop after this many optimizer steps in total")
+    _add(p, "--lr", name="lr", type=float, help="SGD learning rate")
+    _add(p, "--lr-decay", name="lr_decay", type=float, help="lr factor applied after every epoch")
+    _add(p, "--weight-decay", name="weight_decay", type=float, help="SGD weight decay")
+    _add(p, "--clip", name="clip", type=_optional_float, help="gradient norm clipping, or none")
+    _add(p, "--batch-size", name="batch_size", type=int, help="training batch size")
+    _add(p, "--bptt", name="bptt", type=int, help="segment length (the maximum in random mode)")
+    _add(p, "--bptt-mode", name="bptt_mode", choices=("fixed", "random"),
+         help="fixed length, or uniform in 2..bptt per segment")
+    _add(p, "--eval-batch-size", name="eval_batch_size", type=int, help="evaluation batch size")
+    _add(p, "--eval-bptt", name="eval_bptt", type=int, help="evaluation segment length")
+    _add(p, "--seed", name="seed", type=int, help="random seed")
+    _add(p, "--device", name="device", help="cpu, cuda, cuda:N or auto")
+    _add(p, "--tokenizer", name="tokenizer", choices=("word", "sentencepiece"), help="word or subword ids")
+    _add(p, "--vocab-size", name="vocab_size", type=int,
+         help="vocabulary size (required for sentencepiece; caps the word vocabulary)")
+    p.set_defaults(func=cmd_train)
+
+
+def train_config(args) -> TrainConfig:
+    values = dict(get_preset(args.preset).train_fields()) if args.preset else {}
+    values.update({k: v for k, v in vars(args).items() if k in DEFAULTS})
+    return TrainConfig(**values)
+
+
+def cmd_train(args) -> int:
+    trainer = Trainer(train_config(args), resume=args.resume, progress=not args.no_progress)
+    summary = trainer.run()
+    summary = {k: v for k, v in summary.items() if k not in ("history", "config")}
+    print(json.dumps(summary, indent=2))
+    if summary["status"] == "interrupted":
+        print(f"interrupted; continue with the same command and --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def add_eval_parser(sub):
+    p = sub.add_parser("eval", help="perplexity of a checkpoint on a split (JSON)")
+    p.add_argument("--checkpoint", required=True, help="a .pt written by train (best.pt or last.pt)")
+    p.add_argument("--data", help=DATA_HELP)
+    p.add_argument("--split", default="valid", choices=("train", "valid", "test"), help="(default: valid)")
+    p.add_argument("--batch-size", type=int, default=10, help="evaluation batch size (default: 10)")
+    p.add_argument("--bptt", type=int, default=32, help="segment length (default: 32)")
+    p.add_argument("--device", default="cpu", help="(default: cpu)")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    model, vocab, _ = load_model(args.checkpoint, args.device)
+    data_dir = resolve_data_dir(args.data)
+    if vocab.kind == "word":
+        check_vocab({"vocab": vocab.state()}, build_vocab(read_lines(split_paths(data_dir)["train"]), "word", len(vocab)),
+                    args.checkpoint)
+    corpus = load_corpus(data_dir, vocab=vocab)
+    result = evaluate(model, corpus.split(args.split), args.batch_size, args.bptt)
+    print(json.dumps({"split": args.split, "checkpoint": str(args.checkpoint), **result}))
+    return 0
+
+
+def add_generate_parser(sub):
+    p = sub.add_parser("generate", help="sample text from a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a .pt written by train")
+    p.add_argument("--words", type=int, default=50, help="tokens to sample (default: 50)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default: 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--prompt", default="", help="text to start from; every word must be in the vocabulary")
+    p.add_argument("--device", default="cpu", help="(default: cpu)")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args) -> int:
+    model, vocab, _ = load_model(args.checkpoint, args.device)
+    print(generate(model, vocab, args.words, args.temperature, args.seed, args.prompt))
+    return 0
+
+
+def add_compare_parser(sub):
+    p = sub.add_parser("compare", help="grid of norms x cells x seeds with the paper's presets; table and plot",
+                       description=compare_mod.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", help=DATA_HELP)
+    p.add_argument("--out", default="runs/compare", help="output folder (default: runs/compare)")
+    p.add_argument("--cells", nargs="+", default=["lstm", "rnn"], choices=("lstm", "rnn"), help="(default: lstm rnn)")
+    p.add_argument("--norms", nargs="+", default=list(NORMS), choices=NORMS, help="(default: online layer none)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="(default: 0)")
+    p.add_argument("--epochs", type=int, help="override the presets' epochs")
+    p.add_argument("--max-steps", type=int, help="stop each run after this many steps")
+    p.add_argument("--device", default="cpu", help="(default: cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args) -> int:
+    results = compare_mod.run_grid(args.out, args.data, args.cells, args.norms, args.seeds, args.epochs,
+                                   args.max_steps, args.device, progress=not args.no_progress)
+    if results["status"] == "interrupted":
+        print("interrupted; run the same command again to continue the grid", file=sys.stderr)
+        return 130
+    print(compare_mod.markdown_table(results["table"]))
+    print(f"wrote {args.out}/results.json and results.md")
+    try:
+        import matplotlib  # noqa: F401
+        print(f"wrote {args.out}/valid_ppl.png")
+    except ImportError:
+        print("matplotlib is not installed, so no plot (pip install 'seqnorm[plot]')")
+    return 0
+
+
+def add_data_parser(sub):
+    p = sub.add_parser("data", help="download and verify a dataset")
+    p.add_argument("dataset", choices=("ptb",), help="the dataset")
+    p.add_argument("--dir", help="where to put it (default: $SEQNORM_DATA, else data/ptb)")
+    p.add_argument("--url", default=None, help="base URL serving ptb.{train,valid,test}.txt (default: the public copy)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data)
+
+
+def cmd_data(args) -> int:
+    directory = resolve_data_dir(args.dir)
+    kwargs = {"base_url": args.url} if args.url else {}
+    status = download_ptb(directory, progress=not args.no_progress, **kwargs)
+    for name, what in status.items():
+        print(f"{directory / name}: {what} (SHA-256 verified)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seqnorm-lm", description="Word-level language modeling with normalized "
+                                     "RNN/LSTM cells (seqnorm) on Penn Treebank or any plain-text corpus.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (add_train_parser, add_eval_parser, add_compare_parser, add_generate_parser, add_data_parser):
+        add(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, CheckpointError, DownloadError, FloatingPointError) as e:
+        print(f"seqnorm-lm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""Training: truncated BPTT with SGD, checkpoints every epoch, exact resume, metrics log.
+
+Each epoch walks the (L, B) train tensor in segments (fixed length or uniform
+in 2..bptt), carrying the detached hidden state from segment to segment (reset
+at the start of an epoch).  After each epoch: validation perplexity, the lr
+decay step, ``last.pt`` (everything needed to continue) and ``best.pt`` (the
+best validation model so far), and ``metrics.jsonl`` rewritten from the run's
+history.  SIGINT/SIGTERM (or ``should_stop``) stop at the next step boundary
+and save ``last.pt`` with the position inside the epoch, so ``resume=True``
+continues exactly: on CPU the resumed run ends with the same numbers as an
+uninterrupted one.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .batching import SegmentLengths, batchify, segment
+from .checkpoint import (check_model_config, check_vocab, load_checkpoint, model_from_checkpoint, save_checkpoint)
+from .data import load_corpus, resolve_data_dir, vocab_from_state
+from .evaluate import evaluate, safe_exp
+from .model import ModelConfig, RNNLM, detach_hidden
+
+
+@dataclass
+class TrainConfig:
+    """All settings of a training run (the CLI flags of ``seqnorm-lm train``)."""
+
+    data: str | None = None
+    out: str = "runs/lm"
+    cell: str = "lstm"
+    norm: str = "online"
+    nonlinearity: str = "tanh"
+    emsize: int = 200
+    nhid: int = 200
+    nlayers: int = 1
+    dropout: float = 0.0
+    tied: bool = True
+    alpha_fwd: float | None = None
+    alpha_bkw: float | None = None
+    ecm: str = "ls"
+    epochs: int = 25
+    max_steps: int | None = None
+    lr: float = 6.5
+    lr_decay: float = 1.0
+    weight_decay: float = 1e-6
+    clip: float | None = None
+    batch_size: int = 20
+    bptt: int = 128
+    bptt_mode: str = "random"
+    eval_batch_size: int = 10
+    eval_bptt: int = 32
+    seed: int = 0
+    device: str = "cpu"
+    tokenizer: str = "word"
+    vocab_size: int | None = None
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "bptt", "eval_batch_size", "eval_bptt"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be positive, got {self.max_steps}")
+        if self.lr <= 0 or not 0 < self.lr_decay <= 1 or self.weight_decay < 0:
+            raise ValueError(f"need lr > 0, 0 < lr_decay <= 1, weight_decay >= 0; got lr={self.lr}, "
+                             f"lr_decay={self.lr_decay}, weight_decay={self.weight_decay}")
+        if self.clip is not None and self.clip <= 0:
+            raise ValueError(f"clip must be positive, got {self.clip}")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        arch = ("cell", "norm", "emsize", "nhid", "nlayers", "dropout", "tied", "nonlinearity", "alpha_fwd",
+                "alpha_bkw", "ecm")
+        return ModelConfig(vocab_size=vocab_size, **{k: getattr(self, k) for k in arch})
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def stop_on_signals(flag: dict):
+    """While active, SIGINT/SIGTERM set ``flag['stop']`` (a second SIGINT interrupts at once)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if flag.get("stop") and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+class Trainer:
+    """One training run writing into ``cfg.out``; ``run()`` trains and returns the summary dict."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True):
+        self.cfg, self.progress = cfg, progress
+        self.out = Path(cfg.out)
+        self.device = resolve_device(cfg.device)
+        data_dir = resolve_data_dir(cfg.data)
+        last = self.out / "last.pt"
+        ckpt = load_checkpoint(last) if resume and last.exists() else None
+        vocab = vocab_from_state(ckpt["vocab"]) if ckpt and cfg.tokenizer == "sentencepiece" else None
+        self.corpus = load_corpus(data_dir, cfg.tokenizer, cfg.vocab_size, vocab=vocab)
+        self.model_cfg = cfg.model_config(len(self.corpus.vocab))
+        self.train_data = batchify(self.corpus.train, cfg.batch_size).to(self.device)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.model = RNNLM(self.model_cfg).to(self.device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=cfg.lr_decay)
+        self.lengths = SegmentLengths(cfg.bptt, cfg.bptt_mode, seed=cfg.seed)
+        self.epoch, self.pos, self.step = 0, 0, 0
+        self.hidden = self.model.init_hidden(cfg.batch_size)
+        self.sums = {"loss": 0.0, "tokens": 0, "seconds": 0.0}
+        self.best = {"valid_ppl": None}
+        self.history: list[dict] = []
+        if ckpt is not None:
+            self._restore(ckpt, last)
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def _payload(self, with_train: bool) -> dict:
+        payload = {"model_config": self.model_cfg.to_dict(), "vocab": self.corpus.vocab.state(),
+                   "model": self.model.state_dict(), "train_config": asdict(self.cfg)}
+        if with_train:
+            payload["train"] = {
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "lengths": self.lengths.state_dict(), "rng": rng_state(), "epoch": self.epoch, "pos": self.pos,
+                "step": self.step, "hidden": self.hidden, "sums": dict(self.sums), "best": dict(self.best),
+                "history": list(self.history)}
+        return payload
+
+    def _restore(self, ckpt: dict, path: Path) -> None:
+        check_vocab(ckpt, self.corpus.vocab, path)
+        check_model_config(ckpt, self.model_cfg, path)
+        if "train" not in ckpt:
+            raise ValueError(f"checkpoint {path} has no training state to resume from")
+        t = ckpt["train"]
+        self.model = model_from_checkpoint(ckpt, path, self.device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.optimizer.load_state_dict(t["optimizer"])
+        self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=self.cfg.lr_decay)
+        self.scheduler.load_state_dict(t["scheduler"])
+        self.lengths.load_state_dict(t["lengths"])
+        set_rng_state(t["rng"])
+        self.epoch, self.pos, self.step = t["epoch"], t["pos"], t["step"]
+        self.hidden = tuple(h.to(self.device) for h in t["hidden"]) if isinstance(t["hidden"], tuple) \
+            else t["hidden"].to(self.device)
+        self.sums, self.best, self.history = dict(t["sums"]), dict(t["best"]), list(t["history"])
+
+    def save(self) -> None:
+        save_checkpoint(self.out / "last.pt", self._payload(with_train=True))
+        self._write_json_lines(self.out / "metrics.jsonl", self.history)
+
+    @staticmethod
+    def _write_json_lines(path: Path, records: list[dict]) -> None:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, path)
+
+    # -- training --------------------------------------------------------------------------------------------------
+    def _limits_reached(self) -> bool:
+        return self.epoch >= self.cfg.epochs or (self.cfg.max_steps is not None and self.step >= self.cfg.max_steps)
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        self.hidden = detach_hidden(self.hidden)
+        logits, self.hidden = self.model(x, self.hidden)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
+        self.optimizer.step()
+        value = loss.item()
+        if value != value or value == float("inf"):
+            raise FloatingPointError(f"training diverged: loss is {value} at step {self.step + 1} (epoch "
+                                     f"{self.epoch + 1}); the last good state is in {self.out / 'last.pt'}")
+        return value
+
+    def _run_epoch(self, stop: dict, should_stop) -> bool:
+        """Train from ``self.pos`` to the end of the epoch; False when stopped early (limit or signal)."""
+        rows, B = self.train_data.shape
+        bar = tqdm(total=(rows - 1) * B, initial=self.pos * B, unit="tok", unit_scale=True, leave=False,
+                   desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", disable=not self.progress)
+        with bar:
+            while self.pos < rows - 1:
+                if stop.get("stop") or self._limits_reached():
+                    return False
+                t0 = time.perf_counter()
+                x, y = segment(self.train_data, self.pos, self.lengths.next())
+                loss = self._train_step(x, y)
+                self.pos += x.shape[0]
+                self.step += 1
+                self.sums["loss"] += loss * y.numel()
+                self.sums["tokens"] += y.numel()
+                self.sums["seconds"] += time.perf_counter() - t0
+                bar.update(y.numel())
+                mean = self.sums["loss"] / self.sums["tokens"]
+                bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{safe_exp(mean):.1f}",
+                                tok_s=f"{self.sums['tokens'] / self.sums['seconds']:.0f}")
+                if should_stop is not None and should_stop(self.step):
+                    stop["stop"] = True
+        return True
+
+    def _evaluate(self, split: str) -> dict:
+        return evaluate(self.model, self.corpus.split(split), self.cfg.eval_batch_size, self.cfg.eval_bptt)
+
+    def _record(self, kind: str) -> dict:
+        """Validate, log a history record, and keep ``best.pt`` up to date."""
+        valid = self._evaluate("valid")
+        s = self.sums
+        record = {"event": kind, "epoch": self.epoch + 1, "step": self.step,
+                  "train_loss": s["loss"] / max(s["tokens"], 1), "train_ppl": safe_exp(s["loss"] / max(s["tokens"], 1)),
+                  "valid_loss": valid["loss"], "valid_ppl": valid["perplexity"],
+                  "valid_ppl_mean_batch_exp": valid["perplexity_mean_batch_exp"],
+                  "lr": self.optimizer.param_groups[0]["lr"], "time_s": s["seconds"],
+                  "tokens_per_s": s["tokens"] / s["seconds"] if s["seconds"] else None}
+        self.history.append(record)
+        if self.best["valid_ppl"] is None or valid["perplexity"] < self.best["valid_ppl"]:
+            self.best = {"valid_ppl": valid["perplexity"], "epoch": self.epoch + 1, "step": self.step}
+            save_checkpoint(self.out / "best.pt", self._payload(with_train=False))
+        return record
+
+    def run(self, should_stop=None) -> dict:
+        """Train until ``cfg.epochs`` or ``cfg.max_steps``; returns the summary (also written to summary.json).
+
+        ``should_stop(step) -> bool`` is asked after every step (a programmatic interruption).
+        On interruption ``last.pt`` is saved and the summary has ``status='interrupted'``.
+        """
+        self.out.mkdir(parents=True, exist_ok=True)
+        stop: dict = {}
+        with stop_on_signals(stop):
+            while not self._limits_reached():
+                if not self._run_epoch(stop, should_stop):
+                    break
+                self._record("epoch")
+                self.scheduler.step()
+                self.epoch, self.pos = self.epoch + 1, 0
+                self.sums = {"loss": 0.0, "tokens": 0, "seconds": 0.0}
+                self.hidden = self.model.init_hidden(self.cfg.batch_size)
+                self.save()
+            if stop.get("stop") and not self._limits_reached():
+                self.save()
+                return {"status": "interrupted", "epoch": self.epoch + 1, "step": self.step,
+                        "checkpoint": str(self.out / "last.pt")}
+            if self.pos > 0 and (not self.history or self.history[-1]["step"] != self.step):
+                self._record("end")
+            self.save()
+        return self._finish()
+
+    def _finish(self) -> dict:
+        """Test perplexity of the best-validation model; summary.json."""
+        best = load_checkpoint(self.out / "best.pt", map_location=self.device)
+        model = model_from_checkpoint(best, self.out / "best.pt", self.device)
+        test = evaluate(model, self.corpus.test, self.cfg.eval_batch_size, self.cfg.eval_bptt)
+        last = self.history[-1]
+        summary = {"status": "finished", "steps": self.step, "epochs_completed": self.epoch,
+                   "best_valid_ppl": self.best["valid_ppl"], "best_epoch": self.best["epoch"],
+                   "best_step": self.best["step"], "final_valid_ppl": last["valid_ppl"],
+                   "test_ppl": test["perplexity"], "test_ppl_mean_batch_exp": test["perplexity_mean_batch_exp"],
+                   "train_seconds": sum(r["time_s"] for r in self.history if r["event"] == "epoch")
+                   + (last["time_s"] if last["event"] == "end" else 0.0),
+                   "history": self.history, "config": asdict(self.cfg)}
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, should_stop=None) -> dict:
+    return Trainer(cfg, resume=resume, progress=progress).run(should_stop)

@@ -1,0 +1,221 @@
+"""lm model, training, evaluation, checkpoints, resume, generation and compare, on small generated corpora."""
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+from lm import compare, load_model
+from lm.batching import batchify
+from lm.checkpoint import CheckpointError, load_checkpoint
+from lm.evaluate import evaluate
+from lm.generate import generate
+from lm.model import ModelConfig, RNNLM
+from lm.presets import PRESETS, get_preset
+from lm.train import TrainConfig, Trainer, train
+from lm_helpers import write_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def small_config(corpus_dir, out, **kw):
+    base = dict(data=str(corpus_dir), out=str(out), emsize=16, nhid=16, epochs=2, lr=1.0, batch_size=4, bptt=12,
+                bptt_mode="random", eval_batch_size=3, eval_bptt=8, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_tied_weights_are_one_parameter():
+    model = RNNLM(ModelConfig(vocab_size=30, emsize=8, nhid=8))
+    assert model.decoder.weight is model.encoder.weight
+    assert sum(p is model.encoder.weight for p in model.parameters()) == 1
+    logits, _ = model(torch.randint(0, 30, (5, 2)))
+    logits.sum().backward()
+    with torch.no_grad():
+        model.encoder.weight[3].add_(1.0)
+    assert torch.equal(model.decoder.weight[3], model.encoder.weight[3])
+    untied = RNNLM(ModelConfig(vocab_size=30, emsize=8, nhid=12, tied=False))
+    assert untied.decoder.weight is not untied.encoder.weight
+    with pytest.raises(ValueError, match="emsize == nhid"):
+        ModelConfig(vocab_size=30, emsize=8, nhid=12)
+    with pytest.raises(ValueError, match="norm='none'"):
+        ModelConfig(vocab_size=30, cell="lstm-cudnn", norm="online")
+
+
+@pytest.mark.parametrize("cell,norm", [("lstm", "online"), ("rnn", "layer"), ("lstm-cudnn", "none"),
+                                       ("rnn-cudnn", "none")])
+def test_model_shapes_and_hidden(cell, norm):
+    model = RNNLM(ModelConfig(vocab_size=25, cell=cell, norm=norm, emsize=6, nhid=6, nlayers=2))
+    hidden = model.init_hidden(3)
+    logits, hidden2 = model(torch.randint(0, 25, (7, 3)), hidden)
+    assert logits.shape == (7, 3, 25)
+    assert type(hidden2) is type(hidden) and (hidden2[0] if isinstance(hidden2, tuple) else hidden2).shape == (2, 3, 6)
+
+
+def test_hidden_state_carry_makes_segmenting_invisible():
+    """In eval mode (frozen statistics) segments of any length with the carried state give the same perplexity."""
+    torch.manual_seed(0)
+    model = RNNLM(ModelConfig(vocab_size=20, emsize=8, nhid=8))
+    ids = torch.randint(0, 20, (300,))
+    whole = evaluate(model, ids, batch_size=3, bptt=1000)
+    for bptt in (1, 7, 32):
+        assert evaluate(model, ids, batch_size=3, bptt=bptt)["perplexity"] == pytest.approx(whole["perplexity"],
+                                                                                             rel=1e-5)
+    assert whole["tokens"] == 3 * (300 // 3 - 1)
+
+
+class _BigramTable(nn.Module):
+    """A model whose next-token distribution depends only on the current token: a known table."""
+
+    def __init__(self, probs):
+        super().__init__()
+        self.logp = nn.Parameter(torch.tensor(probs).log())
+
+    def init_hidden(self, batch_size):
+        return None
+
+    def forward(self, ids, hidden=None):
+        return self.logp[ids], hidden
+
+
+def test_perplexity_against_hand_computation():
+    probs = [[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]
+    ids = torch.tensor([0, 1, 1, 2, 0, 0, 2, 2, 1])  # batch 1: every consecutive pair is a prediction
+    pairs = list(zip(ids[:-1].tolist(), ids[1:].tolist()))
+    nll = [-math.log(probs[a][b]) for a, b in pairs]
+    expected = math.exp(sum(nll) / len(nll))
+    result = evaluate(_BigramTable(probs), ids, batch_size=1, bptt=3)
+    assert result["perplexity"] == pytest.approx(expected, rel=1e-6)
+    assert result["tokens"] == 8
+    segments = [nll[0:3], nll[3:6], nll[6:8]]
+    paper = sum(math.exp(sum(s) / len(s)) for s in segments) / 3
+    assert result["perplexity_mean_batch_exp"] == pytest.approx(paper, rel=1e-6)
+
+
+def test_training_learns_and_logs(corpus_dir, tmp_path):
+    cfg = small_config(corpus_dir, tmp_path / "run", norm="online")
+    summary = train(cfg, progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2] and all(r["event"] == "epoch" for r in lines)
+    for key in ("train_loss", "valid_ppl", "valid_ppl_mean_batch_exp", "lr", "time_s", "tokens_per_s"):
+        assert all(math.isfinite(r[key]) for r in lines), key
+    assert summary["best_valid_ppl"] < 40 * 0.5  # 41 ids: a uniform guess is ~41; the corpus is predictable
+    assert {p.name for p in (tmp_path / "run").iterdir()} >= {"last.pt", "best.pt", "metrics.jsonl", "summary.json"}
+
+
+@pytest.mark.parametrize("norm,dropout", [("online", 0.3), ("layer", 0.0)])
+def test_resume_after_interruption_equals_uninterrupted(corpus_dir, tmp_path, norm, dropout):
+    cfg = small_config(corpus_dir, tmp_path / "full", norm=norm, dropout=dropout, epochs=2, max_steps=None)
+    full = train(cfg, progress=False)
+    cut = replace(cfg, out=str(tmp_path / "cut"))
+    steps_per_epoch = full["steps"] // 2
+    stopped = train(cut, progress=False, should_stop=lambda step: step == steps_per_epoch + 3)  # mid epoch 2
+    assert stopped["status"] == "interrupted"
+    ckpt = load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert ckpt["train"]["epoch"] == 1 and ckpt["train"]["pos"] > 0
+    resumed = train(cut, resume=True, progress=False)
+    for key in ("steps", "best_valid_ppl", "final_valid_ppl", "test_ppl"):
+        assert resumed[key] == full[key], key
+    assert [r["valid_ppl"] for r in resumed["history"]] == [r["valid_ppl"] for r in full["history"]]
+    a, b = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "cut" / "last.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k  # ON statistics and control state included
+
+
+def test_max_steps_and_lr_decay(corpus_dir, tmp_path):
+    cfg = small_config(corpus_dir, tmp_path / "run", norm="layer", epochs=3, lr_decay=0.5, bptt_mode="fixed")
+    summary = train(cfg, progress=False)
+    assert [r["lr"] for r in summary["history"]] == [1.0, 0.5, 0.25]
+    short = train(replace(cfg, out=str(tmp_path / "short"), max_steps=5), progress=False)
+    assert short["steps"] == 5 and short["history"][-1]["event"] == "end"
+
+
+def test_checkpoint_errors(corpus_dir, tmp_path):
+    cfg = small_config(corpus_dir, tmp_path / "run", norm="none", max_steps=3)
+    train(cfg, progress=False)
+    last = tmp_path / "run" / "last.pt"
+    with pytest.raises(CheckpointError, match="another model.*nhid=16 in the checkpoint vs 24"):
+        Trainer(replace(cfg, nhid=24, emsize=24), resume=True)
+    other = write_corpus(tmp_path / "other", vocab=25, seed=5)
+    with pytest.raises(CheckpointError, match="another vocabulary"):
+        Trainer(replace(cfg, data=str(other)), resume=True)
+    data = last.read_bytes()
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_model(broken)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(CheckpointError, match="not a seqnorm-lm checkpoint"):
+        load_model(foreign)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "missing.pt")
+
+
+def test_divergence_is_a_clear_error(corpus_dir, tmp_path):
+    with pytest.raises(FloatingPointError, match="diverged"):
+        train(small_config(corpus_dir, tmp_path / "run", norm="none", lr=1e30, max_steps=20), progress=False)
+
+
+def test_load_model_and_generate(corpus_dir, tmp_path):
+    train(small_config(corpus_dir, tmp_path / "run", max_steps=4), progress=False)
+    model, vocab, ckpt = load_model(tmp_path / "run" / "best.pt")
+    assert not model.training and ckpt["model_config"]["nhid"] == 16
+    text = generate(model, vocab, words=12, temperature=0.8, seed=1, prompt="w1 w2")
+    assert text == generate(model, vocab, words=12, temperature=0.8, seed=1, prompt="w1 w2")
+    assert len(text.split()) + text.count("\n") == 12
+    with pytest.raises(ValueError, match="unknown word"):
+        generate(model, vocab, prompt="w1 nonsense")
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, vocab, temperature=0)
+
+
+def test_sentencepiece_training_end_to_end(corpus_dir, tmp_path):
+    cfg = small_config(corpus_dir, tmp_path / "sp", tokenizer="sentencepiece", vocab_size=30, max_steps=4)
+    summary = train(cfg, progress=False)
+    assert math.isfinite(summary["test_ppl"])
+    model, vocab, _ = load_model(tmp_path / "sp" / "best.pt")
+    assert vocab.kind == "sentencepiece" and len(vocab) == model.cfg.vocab_size
+    assert isinstance(generate(model, vocab, words=5), str)
+    resumed = train(replace(cfg, max_steps=6), resume=True, progress=False)  # the saved tokenizer is reused
+    assert resumed["steps"] == 6
+
+
+def test_presets_follow_the_paper():
+    assert set(PRESETS) == {f"paper-{c}-{n}" for c in ("lstm", "rnn") for n in ("online", "layer", "none")}
+    on = TrainConfig(**get_preset("paper-lstm-online").train_fields())
+    assert (on.lr, on.epochs, on.bptt, on.bptt_mode, on.batch_size, on.weight_decay, on.clip) == \
+           (6.5, 25, 128, "random", 20, 1e-6, None)
+    assert (on.alpha_fwd, on.alpha_bkw) == (1 - 2**-13, 1 - 2**-5)
+    rnn = TrainConfig(**get_preset("paper-rnn-online").train_fields())
+    assert (rnn.cell, rnn.lr, rnn.epochs, rnn.alpha_fwd, rnn.alpha_bkw) == ("rnn", 1.7, 40, 1 - 2**-14, 1 - 2**-7)
+    model = RNNLM(rnn.model_config(50))
+    assert (model.rnn.config.alpha_fwd, model.rnn.config.alpha_bkw) == (1 - 2**-14, 1 - 2**-7)
+    assert get_preset("paper-lstm-none").cell == "lstm-cudnn"
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_preset("paper-gru")
+
+
+def test_compare_grid_writes_table_and_resumes(corpus_dir, tmp_path, monkeypatch):
+    results = compare.run_grid(tmp_path / "cmp", data=str(corpus_dir), cells=("lstm",), norms=("online", "none"),
+                               seeds=(0, 1), max_steps=3, progress=False, epochs=1)
+    table = results["table"]
+    assert set(table) == {"paper-lstm-online", "paper-lstm-none"}
+    for name, row in table.items():
+        runs = [r for r in results["runs"] if r["preset"] == name]
+        finished = sorted(r["best_valid_ppl"] for r in runs if r["status"] == "finished")
+        if finished:
+            assert row["valid"]["min"] == finished[0] and row["valid"]["max"] == finished[-1]
+        assert row["valid"] is None or row["valid"]["n"] + row["diverged"] == 2
+    md = (tmp_path / "cmp" / "results.md").read_text()
+    assert "paper-lstm-online" in md and "113.4" in md
+    assert json.loads((tmp_path / "cmp" / "results.json").read_text())["table"] == json.loads(json.dumps(table))
+    calls = []
+    monkeypatch.setattr(Trainer, "_train_step", lambda self, x, y: calls.append(1) or 0.0)
+    compare.run_grid(tmp_path / "cmp", data=str(corpus_dir), cells=("lstm",), norms=("none",), seeds=(0,),
+                     max_steps=3, progress=False, epochs=1)
+    assert calls == []  # finished runs are not trained again
