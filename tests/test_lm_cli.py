@@ -1,0 +1,75 @@
+"""The seqnorm-lm command line: a PTB smoke run (train, eval, generate), help, data, errors."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from lm.cli import build_parser, main
+from lm.train import TrainConfig
+from lm_helpers import ptb_dir, write_corpus
+
+
+def test_smoke_train_eval_generate_on_ptb(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "--data", str(ptb_dir()), "--out", str(out), "--cell", "lstm", "--norm", "online",
+               "--max-steps", "30", "--bptt", "35", "--bptt-mode", "fixed", "--lr", "0.5", "--no-progress"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["status"] == "finished" and summary["steps"] == 30
+    assert 100 < summary["best_valid_ppl"] < 10_000  # learned something; a uniform guess is 10,000
+    assert main(["eval", "--checkpoint", str(out / "best.pt"), "--data", str(ptb_dir()), "--split", "test"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["split"] == "test" and result["perplexity"] == pytest.approx(summary["test_ppl"], rel=1e-6)
+    assert result["tokens"] == 10 * (82_430 // 10 - 1) and math.isfinite(result["perplexity_mean_batch_exp"])
+    assert main(["generate", "--checkpoint", str(out / "best.pt"), "--words", "15", "--seed", "2"]) == 0
+    text = capsys.readouterr().out
+    assert len(text.split()) + text.count("\n") >= 15
+
+
+def test_help_documents_every_train_setting(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for name in TrainConfig.field_names():
+        flag = "--no-tie" if name == "tied" else "--" + name.replace("_", "-")
+        assert flag in text, flag
+    for sub in ("eval", "compare", "generate", "data"):
+        with pytest.raises(SystemExit):
+            main([sub, "--help"])
+        assert "usage: seqnorm-lm " + sub in capsys.readouterr().out
+
+
+def test_preset_then_explicit_flags():
+    from lm.cli import train_config
+    args = build_parser().parse_args(["train", "--preset", "paper-rnn-online", "--lr", "0.3", "--epochs", "2"])
+    cfg = train_config(args)
+    assert (cfg.cell, cfg.norm, cfg.lr, cfg.epochs, cfg.alpha_fwd) == ("rnn", "online", 0.3, 2, 1 - 2**-14)
+
+
+def test_errors_are_reported_not_raised(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "looked for" in capsys.readouterr().err
+    write_corpus(tmp_path / "c")
+    assert main(["train", "--data", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "--emsize", "8",
+                 "--no-progress"]) == 2
+    assert "emsize == nhid" in capsys.readouterr().err
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["eval", "--checkpoint", str(bad), "--data", str(tmp_path / "c")]) == 2
+    assert "unreadable" in capsys.readouterr().err
+
+
+def test_data_command_with_present_files(tmp_path, capsys):
+    import shutil
+    for name in ("train.txt", "valid.txt", "test.txt"):
+        shutil.copy(ptb_dir() / name, tmp_path / name)
+    assert main(["data", "ptb", "--dir", str(tmp_path), "--url", "http://127.0.0.1:9/", "--no-progress"]) == 0
+    assert capsys.readouterr().out.count("present (SHA-256 verified)") == 3
+
+
+def test_module_and_console_script_entry_points():
+    for cmd in ([sys.executable, "-m", "lm", "--help"], ["seqnorm-lm", "--help"]):
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0 and "train" in run.stdout and "compare" in run.stdout
