@@ -136,6 +136,7 @@ def add_compare_parser(sub):
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="(default: 0)")
     p.add_argument("--epochs", type=int, help="override the presets' epochs")
     p.add_argument("--max-steps", type=int, help="stop each run after this many steps")
+    p.add_argument("--clip", type=float, help="gradient norm clipping for every run (the presets have none)")
     p.add_argument("--device", default="cpu", help="(default: cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
@@ -143,7 +144,7 @@ def add_compare_parser(sub):
 
 def cmd_compare(args) -> int:
     results = compare_mod.run_grid(args.out, args.data, args.cells, args.norms, args.seeds, args.epochs,
-                                   args.max_steps, args.device, progress=not args.no_progress)
+                                   args.max_steps, args.device, progress=not args.no_progress, clip=args.clip)
     if results["status"] == "interrupted":
         print("interrupted; run the same command again to continue the grid", file=sys.stderr)
         return 130

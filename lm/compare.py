@@ -18,8 +18,8 @@ from .train import TrainConfig, train
 
 
 def run_grid(out, data=None, cells=("lstm", "rnn"), norms=("online", "layer", "none"), seeds=(0,), epochs=None,
-             max_steps=None, device="cpu", progress=True) -> dict:
-    """Train every configuration (presets, shrunk by ``epochs``/``max_steps``) and write the summaries."""
+             max_steps=None, device="cpu", progress=True, clip=None) -> dict:
+    """Train every configuration (presets, shrunk by ``epochs``/``max_steps``; ``clip`` for all) and summarize."""
     out = Path(out)
     runs = []
     for cell in cells:
@@ -30,6 +30,8 @@ def run_grid(out, data=None, cells=("lstm", "rnn"), norms=("online", "layer", "n
                 base = replace(base, epochs=epochs)
             if max_steps is not None:
                 base = replace(base, max_steps=max_steps)
+            if clip is not None:
+                base = replace(base, clip=clip)
             for seed in seeds:
                 cfg = replace(base, seed=seed, out=str(out / f"{name}-seed{seed}"))
                 summary = _train_or_diverge(cfg, progress)

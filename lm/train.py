@@ -214,8 +214,10 @@ class Trainer:
         self.optimizer.step()
         value = loss.item()
         if value != value or value == float("inf"):
+            last = self.out / "last.pt"
+            saved = f"the last saved state is {last}" if last.exists() else "no checkpoint was saved yet"
             raise FloatingPointError(f"training diverged: loss is {value} at step {self.step + 1} (epoch "
-                                     f"{self.epoch + 1}); the last good state is in {self.out / 'last.pt'}")
+                                     f"{self.epoch + 1}); {saved}. A smaller --lr or --clip may help")
         return value
 
     def _run_epoch(self, stop: dict, should_stop) -> bool:
