@@ -81,7 +81,7 @@ def cmd_train(args) -> int:
     summary = {k: v for k, v in summary.items() if k not in ("history", "config")}
     print(json.dumps(summary, indent=2))
     if summary["status"] == "interrupted":
-        print(f"interrupted; continue with the same command and --resume", file=sys.stderr)
+        print("interrupted; continue with the same command and --resume", file=sys.stderr)
         return 130
     return 0
 

@@ -73,3 +73,32 @@ def test_module_and_console_script_entry_points():
     for cmd in ([sys.executable, "-m", "lm", "--help"], ["seqnorm-lm", "--help"]):
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert run.returncode == 0 and "train" in run.stdout and "compare" in run.stdout
+
+
+def test_sigint_saves_and_resume_matches_uninterrupted(tmp_path):
+    """A real Ctrl-C: the run stops at a step boundary, saves last.pt, exits 130; --resume then ends exactly
+    where an uninterrupted run ends."""
+    import signal
+    import time
+
+    data = write_corpus(tmp_path / "c")
+    flags = ["--data", str(data), "--emsize", "16", "--nhid", "16", "--batch-size", "4", "--bptt", "12",
+             "--eval-batch-size", "3", "--eval-bptt", "8", "--epochs", "6", "--lr", "1", "--norm", "online",
+             "--dropout", "0.2", "--no-progress"]
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(["seqnorm-lm", "train", "--out", str(cut), *flags], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (cut / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert json.loads(out)["status"] == "interrupted" and "--resume" in err
+    assert main(["train", "--out", str(cut), "--resume", *flags]) == 0
+    assert main(["train", "--out", str(tmp_path / "full"), *flags]) == 0
+    a = json.loads((cut / "summary.json").read_text())
+    b = json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert a["history"][-1]["epoch"] == 6
+    for key in ("steps", "best_valid_ppl", "final_valid_ppl", "test_ppl"):
+        assert a[key] == b[key], key
