@@ -214,6 +214,7 @@ def test_compare_grid_writes_table_and_resumes(corpus_dir, tmp_path, monkeypatch
     md = (tmp_path / "cmp" / "results.md").read_text()
     assert "paper-lstm-online" in md and "113.4" in md
     assert json.loads((tmp_path / "cmp" / "results.json").read_text())["table"] == json.loads(json.dumps(table))
+    assert (tmp_path / "cmp" / "valid_ppl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # matplotlib is in [dev]
     calls = []
     monkeypatch.setattr(Trainer, "_train_step", lambda self, x, y: calls.append(1) or 0.0)
     compare.run_grid(tmp_path / "cmp", data=str(corpus_dir), cells=("lstm",), norms=("none",), seeds=(0,),
