@@ -8,7 +8,7 @@ from dataclasses import fields
 
 from . import compare as compare_mod
 from .checkpoint import CheckpointError, check_vocab, load_model
-from .data import build_vocab, load_corpus, read_lines, resolve_data_dir, split_paths
+from .data import load_corpus, resolve_data_dir
 from .download import DownloadError, download_ptb
 from .evaluate import evaluate
 from .generate import generate
@@ -22,7 +22,9 @@ DATA_HELP = "corpus folder with train/valid/test .txt (default: $SEQNORM_DATA, e
 
 def _add(p, *flags, name, help, **kw):
     """A train flag whose default comes from TrainConfig (or the preset); absent flags stay absent."""
-    p.add_argument(*flags, dest=name, default=argparse.SUPPRESS, help=help if DEFAULTS[name] is None else f"{help} (default: {DEFAULTS[name]})", **kw)
+    if DEFAULTS[name] is not None:
+        help = f"{help} (default: {DEFAULTS[name]})"
+    p.add_argument(*flags, dest=name, default=argparse.SUPPRESS, help=help, **kw)
 
 
 def _optional_float(s: str):
@@ -98,12 +100,12 @@ def add_eval_parser(sub):
 
 
 def cmd_eval(args) -> int:
-    model, vocab, _ = load_model(args.checkpoint, args.device)
-    data_dir = resolve_data_dir(args.data)
-    if vocab.kind == "word":
-        check_vocab({"vocab": vocab.state()}, build_vocab(read_lines(split_paths(data_dir)["train"]), "word", len(vocab)),
-                    args.checkpoint)
-    corpus = load_corpus(data_dir, vocab=vocab)
+    model, vocab, ckpt = load_model(args.checkpoint, args.device)
+    if vocab.kind == "word":  # rebuild from this data's train split: another corpus gives another vocabulary
+        corpus = load_corpus(args.data, "word", len(vocab))
+        check_vocab(ckpt, corpus.vocab, args.checkpoint)
+    else:
+        corpus = load_corpus(args.data, vocab=vocab)
     result = evaluate(model, corpus.split(args.split), args.batch_size, args.bptt)
     print(json.dumps({"split": args.split, "checkpoint": str(args.checkpoint), **result}))
     return 0

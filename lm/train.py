@@ -177,10 +177,8 @@ class Trainer:
         if "train" not in ckpt:
             raise ValueError(f"checkpoint {path} has no training state to resume from")
         t = ckpt["train"]
-        self.model = model_from_checkpoint(ckpt, path, self.device)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(t["optimizer"])
-        self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=self.cfg.lr_decay)
         self.scheduler.load_state_dict(t["scheduler"])
         self.lengths.load_state_dict(t["lengths"])
         set_rng_state(t["rng"])
