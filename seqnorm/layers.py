@@ -8,8 +8,10 @@ initial values).  Each layer k has one normalizer ``norm_l{k}`` over all its
 gate features; for Online Normalization that is one statistics state shared
 by every time step (and kept across calls, BPTT segments and epochs).
 
-Each layer runs as one ``RecurrenceFunction`` (input projections for all steps
-in one matmul, the recurrence and a hand-written backward).
+Each layer runs as one autograd Function (input projections for all steps in
+one matmul, the recurrence and a hand-written backward): ``RecurrenceFunction``
+(plain PyTorch) or ``FusedRecurrenceFunction`` (one Triton kernel per step),
+chosen by ``backend=`` (see ``seqnorm.backend``).
 """
 import math
 
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import _checks
+from . import _checks, backend as backends
 from .cells import NONLINEARITIES
 from .norms import OnlineNormConfig, build_norm, canonical_norm
 from .sequence import RecurrenceFunction, RecurrenceSpec
@@ -26,13 +28,30 @@ from .sequence import RecurrenceFunction, RecurrenceSpec
 PAPER_RNN_CONFIG = OnlineNormConfig(alpha_fwd=1 - 2**-14, alpha_bkw=1 - 2**-7)
 
 
+@torch.compiler.disable
+def _torch_recurrence(*args):
+    return RecurrenceFunction.apply(*args)
+
+
+@torch.compiler.disable
+def _triton_recurrence(*args):
+    from .kernels.recurrence import MAX_BLOCK_H, FusedRecurrenceFunction
+
+    return FusedRecurrenceFunction.apply(*args, MAX_BLOCK_H)
+
+
+# both run eagerly inside a compiled model: torch.compile treats the recurrence as opaque
+RECURRENCES = {"torch": _torch_recurrence, "triton": _triton_recurrence}
+
+
 class _RecurrentLayers(nn.Module):
     cell = ""
     gates = 1
 
     def __init__(self, input_size, hidden_size, num_layers, bias, batch_first, dropout, norm, config, nonlinearity,
-                 device, dtype):
+                 backend, device, dtype):
         super().__init__()
+        self.backend = backends.check_backend("backend", backend)
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -96,6 +115,7 @@ class _RecurrentLayers(nn.Module):
 
     def _run_layers(self, x, h0, c0):
         """x: (T, B, I) time-major; h0, c0: (num_layers, B, H). Returns out, [h_T], [c_T]."""
+        recurrence = RECURRENCES[backends.resolve(self.backend, x.device)]
         h_n, c_n = [], []
         for k in range(self.num_layers):
             w_ih, w_hh, b_ih, b_hh, norm = self._layer_params(k)
@@ -106,8 +126,7 @@ class _RecurrentLayers(nn.Module):
                                   self.training)
             state = norm.state if self.norm_type == "online" else None
             gamma, beta = (norm.weight, norm.bias) if norm is not None else (None, None)
-            x, h, c = RecurrenceFunction.apply(spec, state, xproj, h0[k], None if c0 is None else c0[k], w_hh,
-                                               gamma, beta)
+            x, h, c = recurrence(spec, state, xproj, h0[k], None if c0 is None else c0[k], w_hh, gamma, beta)
             h_n.append(h)
             c_n.append(c)
         return x, h_n, c_n
@@ -122,6 +141,8 @@ class _RecurrentLayers(nn.Module):
             s += ", batch_first=True"
         if self.dropout:
             s += f", dropout={self.dropout}"
+        if self.backend != "auto":
+            s += f", backend={self.backend!r}"
         return s
 
 
@@ -133,6 +154,7 @@ class LSTM(_RecurrentLayers):
     hyperparameters default to the paper's PTB LSTM (``OnlineNormConfig()``:
     alpha_fwd = 1 - 2**-13, alpha_bkw = 1 - 2**-5, eps = 1e-5, layer scaling
     per gate); pass ``config=OnlineNormConfig(...)`` or the fields as keywords.
+    backend: "auto" (default), "torch" or "triton" (see ``seqnorm.backend``).
     """
 
     cell = "lstm"
@@ -140,10 +162,10 @@ class LSTM(_RecurrentLayers):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, norm="online", config: OnlineNormConfig | None = None,
-                 device=None, dtype=None, **config_fields):
+                 backend: str = "auto", device=None, dtype=None, **config_fields):
         config = config or OnlineNormConfig(**config_fields)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, norm, config, "tanh",
-                         device, dtype)
+                         backend, device, dtype)
 
     def forward(self, input: torch.Tensor, hx=None):
         self._check_input(input)
@@ -169,6 +191,7 @@ class RNN(_RecurrentLayers):
     forward(input, hx=None) -> output, h_n with the shapes of ``torch.nn.RNN``.
     Online Normalization hyperparameters default to the paper's PTB RNN
     (alpha_fwd = 1 - 2**-14, alpha_bkw = 1 - 2**-7, layer scaling over H).
+    backend: "auto" (default), "torch" or "triton" (see ``seqnorm.backend``).
     """
 
     cell = "rnn"
@@ -176,12 +199,13 @@ class RNN(_RecurrentLayers):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0, norm="online",
-                 config: OnlineNormConfig | None = None, device=None, dtype=None, **config_fields):
+                 config: OnlineNormConfig | None = None, backend: str = "auto", device=None, dtype=None,
+                 **config_fields):
         _checks.check_choice("nonlinearity", nonlinearity, tuple(NONLINEARITIES))
         if config is None:
             config = OnlineNormConfig(**{**vars(PAPER_RNN_CONFIG), **config_fields})
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, norm, config, nonlinearity,
-                         device, dtype)
+                         backend, device, dtype)
 
     def forward(self, input: torch.Tensor, hx=None):
         self._check_input(input)
