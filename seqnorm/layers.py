@@ -115,7 +115,7 @@ class _RecurrentLayers(nn.Module):
 
     def _run_layers(self, x, h0, c0):
         """x: (T, B, I) time-major; h0, c0: (num_layers, B, H). Returns out, [h_T], [c_T]."""
-        recurrence = RECURRENCES[backends.resolve(self.backend, x.device)]
+        recurrence = RECURRENCES[backends.resolve(self.backend, x.device, x.dtype)]
         h_n, c_n = [], []
         for k in range(self.num_layers):
             w_ih, w_hh, b_ih, b_hh, norm = self._layer_params(k)
