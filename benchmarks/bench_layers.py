@@ -1,10 +1,14 @@
 """Forward+backward time of seqnorm layers against torch.nn and a naive implementation.
 
 All candidates are measured in one process, on the same inputs, and reported as
-ratios to torch.nn.LSTM / torch.nn.RNN and to the naive per-step, per-row path
-(one OnlineNorm(impl="loop") per gate, per-step autograd).  Writes JSON.
+ratios to torch.nn.LSTM / torch.nn.RNN (cuDNN on a GPU) and to the naive
+per-step, per-row path (one OnlineNorm(impl="loop") per gate, per-step
+autograd).  On CUDA the seqnorm layers run the Triton backend; the torch path
+on the GPU ("torch path") and the Triton path replayed from a CUDA graph
+("graphed") are measured beside them.  Writes JSON.
 
     python benchmarks/bench_layers.py --configs ptb35 ptb128 large --out benchmarks/results/cpu.json
+    python benchmarks/bench_layers.py --device cuda --configs ptb35 ptb128 large b1 --out benchmarks/results/cuda.json
 """
 import argparse
 import json
@@ -17,7 +21,7 @@ from torch import nn
 
 import seqnorm
 
-CONFIGS = {"ptb35": (35, 20, 200), "ptb128": (128, 20, 200), "large": (100, 64, 512)}
+CONFIGS = {"ptb35": (35, 20, 200), "ptb128": (128, 20, 200), "large": (100, 64, 512), "b1": (35, 1, 200)}
 
 
 class NaiveOnlineLSTM(nn.Module):
@@ -62,72 +66,111 @@ class NaiveOnlineRNN(NaiveOnlineLSTM):
         return torch.stack(outs), h
 
 
-def candidates(H, kind):
-    if kind == "lstm":
-        cfg = seqnorm.OnlineNormConfig()
-        return {
-            "torch.nn.LSTM": lambda: nn.LSTM(H, H),
-            "seqnorm.LSTM(online)": lambda: seqnorm.LSTM(H, H, norm="online"),
-            "seqnorm.LSTM(layer)": lambda: seqnorm.LSTM(H, H, norm="layer"),
-            "seqnorm.LSTM(none)": lambda: seqnorm.LSTM(H, H, norm=None),
-            "naive online LSTM": lambda: NaiveOnlineLSTM(H, H, cfg),
-        }
-    cfg = seqnorm.layers.PAPER_RNN_CONFIG
-    return {
-        "torch.nn.RNN": lambda: nn.RNN(H, H),
-        "seqnorm.RNN(online)": lambda: seqnorm.RNN(H, H, norm="online"),
-        "seqnorm.RNN(layer)": lambda: seqnorm.RNN(H, H, norm="layer"),
-        "seqnorm.RNN(none)": lambda: seqnorm.RNN(H, H, norm=None),
-        "naive online RNN": lambda: NaiveOnlineRNN(H, H, cfg),
+def candidates(H, kind, cuda):
+    """label -> (constructor, whether to replay it from a CUDA graph)."""
+    layer, name = (seqnorm.LSTM, "LSTM") if kind == "lstm" else (seqnorm.RNN, "RNN")
+    cfg = seqnorm.OnlineNormConfig() if kind == "lstm" else seqnorm.layers.PAPER_RNN_CONFIG
+    naive = NaiveOnlineLSTM if kind == "lstm" else NaiveOnlineRNN
+    out = {
+        f"torch.nn.{name}": (lambda: getattr(nn, name)(H, H), False),
+        f"seqnorm.{name}(online)": (lambda: layer(H, H, norm="online"), False),
+        f"seqnorm.{name}(layer)": (lambda: layer(H, H, norm="layer"), False),
+        f"seqnorm.{name}(none)": (lambda: layer(H, H, norm=None), False),
+        f"naive online {name}": (lambda: naive(H, H, cfg), False),
     }
+    if cuda:
+        out[f"seqnorm.{name}(online) torch path"] = (lambda: layer(H, H, norm="online", backend="torch"), False)
+        out[f"seqnorm.{name}(online) graphed"] = (lambda: layer(H, H, norm="online"), True)
+        out[f"torch.nn.{name} graphed"] = (lambda: getattr(nn, name)(H, H), True)
+    return out
 
 
-def time_fwd_bwd(model, x, min_reps, max_seconds, device):
+def fwd_bwd_step(model, x, graphed):
+    """One forward+backward as a callable; with ``graphed`` captured once and replayed."""
+
     def step():
         model.zero_grad(set_to_none=True)
-        out = model(x)[0]
-        out.sum().backward()
+        model(x)[0].float().sum().backward()
+
+    if not graphed:
+        return step
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    model.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        model(x)[0].float().sum().backward()
+    return graph.replay
+
+
+def time_fwd_bwd(step, min_reps, max_seconds, device):
+    def timed():
+        step()
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    step()  # warm-up
+    timed()  # warm-up
     times, start = [], time.perf_counter()
     while len(times) < min_reps or (time.perf_counter() - start < max_seconds and len(times) < 10 * min_reps):
         t0 = time.perf_counter()
-        step()
+        timed()
         times.append(time.perf_counter() - t0)
         if time.perf_counter() - start > max_seconds and len(times) >= 2:
             break
     return statistics.median(times), len(times)
 
 
-def run(configs, kinds, min_reps, max_seconds, device):
+def run(configs, kinds, min_reps, max_seconds, device, dtype):
     results = []
     for name in configs:
         T, B, H = CONFIGS[name]
         for kind in kinds:
             torch.manual_seed(0)
-            x = torch.randn(T, B, H, device=device, requires_grad=True)
-            row = {"config": name, "T": T, "B": B, "H": H, "cell": kind, "seconds": {}, "reps": {}}
-            for label, make in candidates(H, kind).items():
-                model = make().to(device)
-                row["seconds"][label], row["reps"][label] = time_fwd_bwd(model, x, min_reps, max_seconds, device)
-            base = "torch.nn.LSTM" if kind == "lstm" else "torch.nn.RNN"
-            naive = f"naive online {kind.upper()}"
-            online = f"seqnorm.{kind.upper()}(online)"
-            row["ratio_vs_torch"] = {k: v / row["seconds"][base] for k, v in row["seconds"].items()}
-            row["speedup_vs_naive"] = row["seconds"][naive] / row["seconds"][online]
-            row["online_over_layer"] = row["seconds"][online] / row["seconds"][f"seqnorm.{kind.upper()}(layer)"]
+            x = torch.randn(T, B, H, device=device, dtype=dtype, requires_grad=True)
+            row = {"config": name, "T": T, "B": B, "H": H, "cell": kind, "dtype": str(dtype), "seconds": {}, "reps": {},
+                   "errors": {}}
+            for label, (make, graphed) in candidates(H, kind, device.type == "cuda").items():
+                try:
+                    step = fwd_bwd_step(make().to(device, dtype), x, graphed)
+                    row["seconds"][label], row["reps"][label] = time_fwd_bwd(step, min_reps, max_seconds, device)
+                except RuntimeError as err:  # e.g. a capture that fails: record it, measure the rest
+                    row["errors"][label] = f"{type(err).__name__}: {err}"
+            add_ratios(row, kind.upper())
             results.append(row)
-            print_row(row, base)
+            print_row(row)
     return results
 
 
-def print_row(row, base):
-    print(f"\n{row['config']} {row['cell']}  T={row['T']} B={row['B']} H={row['H']}  (forward+backward, median)")
+def add_ratios(row, name):
+    sec = row["seconds"]
+    online = f"seqnorm.{name}(online)"
+    ratio = lambda a, b: sec[a] / sec[b] if a in sec and b in sec else None  # noqa: E731
+    row["ratio_vs_torch"] = {k: ratio(k, f"torch.nn.{name}") for k in sec}
+    row["speedup_vs_naive"] = ratio(f"naive online {name}", online)
+    row["online_over_layer"] = ratio(online, f"seqnorm.{name}(layer)")
+    row["speedup_vs_torch_path"] = ratio(f"{online} torch path", online)
+    row["graphed_online_vs_graphed_torch"] = ratio(f"{online} graphed", f"torch.nn.{name} graphed")
+
+
+def print_row(row):
+    base = f"torch.nn.{row['cell'].upper()}"
+    print(f"\n{row['config']} {row['cell']}  T={row['T']} B={row['B']} H={row['H']} {row['dtype']}  "
+          "(forward+backward, median)")
+    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
     for label, sec in row["seconds"].items():
-        print(f"  {label:24s} {sec * 1e3:10.2f} ms   {row['ratio_vs_torch'][label]:6.2f}x {base}   ({row['reps'][label]} reps)")
-    print(f"  online vs naive: {row['speedup_vs_naive']:.1f}x faster; online / layer: {row['online_over_layer']:.2f}")
+        print(f"  {label:36s} {sec * 1e3:10.3f} ms   {fmt(row['ratio_vs_torch'][label], '6.2f')}x {base}   "
+              f"({row['reps'][label]} reps)")
+    for label, err in row["errors"].items():
+        print(f"  {label:36s} failed: {err}")
+    print(f"  online vs naive: {fmt(row['speedup_vs_naive'], '.1f')}x faster; "
+          f"online / layer: {fmt(row['online_over_layer'], '.2f')}")
+    if row["speedup_vs_torch_path"] is not None or row["graphed_online_vs_graphed_torch"] is not None:
+        print(f"  online (Triton) vs online torch path: {fmt(row['speedup_vs_torch_path'], '.1f')}x faster; "
+              f"graphed online / graphed {base}: {fmt(row['graphed_online_vs_graphed_torch'], '.2f')}")
 
 
 def main(argv=None):
@@ -137,6 +180,7 @@ def main(argv=None):
     parser.add_argument("--min-reps", type=int, default=5)
     parser.add_argument("--max-seconds", type=float, default=10.0, help="time budget per candidate")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--out", default=None, help="write results JSON here")
     args = parser.parse_args(argv)
@@ -147,7 +191,7 @@ def main(argv=None):
             "threads": torch.get_num_threads(), "device": str(device),
             "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}
     print(meta)
-    results = run(args.configs, args.cells, args.min_reps, args.max_seconds, device)
+    results = run(args.configs, args.cells, args.min_reps, args.max_seconds, device, getattr(torch, args.dtype))
     if args.out:
         import os
 
