@@ -132,6 +132,23 @@ def _store_state(ptr, off, j, mask, value, ACTIVE: tl.constexpr):
 
 
 @triton.jit
+def _load_gates(ptr, H, j, mask, other, ACTIVE: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The state of gates i, f, g, o (features k*H + j) as four vectors."""
+    return (_load_state(ptr, 0 * H, j, mask, other, ACTIVE, BLOCK_H),
+            _load_state(ptr, 1 * H, j, mask, other, ACTIVE, BLOCK_H),
+            _load_state(ptr, 2 * H, j, mask, other, ACTIVE, BLOCK_H),
+            _load_state(ptr, 3 * H, j, mask, other, ACTIVE, BLOCK_H))
+
+
+@triton.jit
+def _store_gates(ptr, H, j, mask, value_i, value_f, value_g, value_o, ACTIVE: tl.constexpr):
+    _store_state(ptr, 0 * H, j, mask, value_i, ACTIVE)
+    _store_state(ptr, 1 * H, j, mask, value_f, ACTIVE)
+    _store_state(ptr, 2 * H, j, mask, value_g, ACTIVE)
+    _store_state(ptr, 3 * H, j, mask, value_o, ACTIVE)
+
+
+@triton.jit
 def lstm_forward_step(pre_ptr, c_prev_ptr, c_next_ptr, h_next_ptr, act_ptr, y_ptr, s_ptr, iz_ptr, gamma_ptr, beta_ptr,
                       mu_ptr, var_ptr, B, H, rows_per_program, alpha, eps, ls_eps, clamp_value,
                       NORM: tl.constexpr, ECM: tl.constexpr, AFFINE: tl.constexpr, TRAINING: tl.constexpr,
@@ -141,14 +158,8 @@ def lstm_forward_step(pre_ptr, c_prev_ptr, c_next_ptr, h_next_ptr, act_ptr, y_pt
     mask = j < H
     ON: tl.constexpr = NORM == 1
     GH = 4 * H
-    mu_i = _load_state(mu_ptr, 0 * H, j, mask, 0.0, ON, BLOCK_H)
-    mu_f = _load_state(mu_ptr, 1 * H, j, mask, 0.0, ON, BLOCK_H)
-    mu_g = _load_state(mu_ptr, 2 * H, j, mask, 0.0, ON, BLOCK_H)
-    mu_o = _load_state(mu_ptr, 3 * H, j, mask, 0.0, ON, BLOCK_H)
-    var_i = _load_state(var_ptr, 0 * H, j, mask, 1.0, ON, BLOCK_H)
-    var_f = _load_state(var_ptr, 1 * H, j, mask, 1.0, ON, BLOCK_H)
-    var_g = _load_state(var_ptr, 2 * H, j, mask, 1.0, ON, BLOCK_H)
-    var_o = _load_state(var_ptr, 3 * H, j, mask, 1.0, ON, BLOCK_H)
+    mu_i, mu_f, mu_g, mu_o = _load_gates(mu_ptr, H, j, mask, 0.0, ON, BLOCK_H)
+    var_i, var_f, var_g, var_o = _load_gates(var_ptr, H, j, mask, 1.0, ON, BLOCK_H)
     row_start = tl.program_id(0) * rows_per_program
     for b in range(row_start, tl.minimum(row_start + rows_per_program, B)):
         row = b * GH
@@ -177,14 +188,8 @@ def lstm_forward_step(pre_ptr, c_prev_ptr, c_next_ptr, h_next_ptr, act_ptr, y_pt
         tl.store(c_next_ptr + b * H + j, c, mask=mask)
         tl.store(h_next_ptr + b * H + j, (o * _tanh(c)).to(h_next_ptr.dtype.element_ty), mask=mask)
     UPDATE: tl.constexpr = ON and TRAINING
-    _store_state(mu_ptr, 0 * H, j, mask, mu_i, UPDATE)
-    _store_state(mu_ptr, 1 * H, j, mask, mu_f, UPDATE)
-    _store_state(mu_ptr, 2 * H, j, mask, mu_g, UPDATE)
-    _store_state(mu_ptr, 3 * H, j, mask, mu_o, UPDATE)
-    _store_state(var_ptr, 0 * H, j, mask, var_i, UPDATE)
-    _store_state(var_ptr, 1 * H, j, mask, var_f, UPDATE)
-    _store_state(var_ptr, 2 * H, j, mask, var_g, UPDATE)
-    _store_state(var_ptr, 3 * H, j, mask, var_o, UPDATE)
+    _store_gates(mu_ptr, H, j, mask, mu_i, mu_f, mu_g, mu_o, UPDATE)
+    _store_gates(var_ptr, H, j, mask, var_i, var_f, var_g, var_o, UPDATE)
 
 
 @triton.jit
@@ -197,14 +202,8 @@ def lstm_backward_step(dh_ptr, d_out_ptr, dc_ptr, act_ptr, c_prev_ptr, c_next_pt
     mask = j < H
     CONTROL: tl.constexpr = NORM == 1 and TRAINING
     GH = 4 * H
-    u_i = _load_state(u_ptr, 0 * H, j, mask, 0.0, CONTROL, BLOCK_H)
-    u_f = _load_state(u_ptr, 1 * H, j, mask, 0.0, CONTROL, BLOCK_H)
-    u_g = _load_state(u_ptr, 2 * H, j, mask, 0.0, CONTROL, BLOCK_H)
-    u_o = _load_state(u_ptr, 3 * H, j, mask, 0.0, CONTROL, BLOCK_H)
-    v_i = _load_state(v_ptr, 0 * H, j, mask, 0.0, CONTROL, BLOCK_H)
-    v_f = _load_state(v_ptr, 1 * H, j, mask, 0.0, CONTROL, BLOCK_H)
-    v_g = _load_state(v_ptr, 2 * H, j, mask, 0.0, CONTROL, BLOCK_H)
-    v_o = _load_state(v_ptr, 3 * H, j, mask, 0.0, CONTROL, BLOCK_H)
+    u_i, u_f, u_g, u_o = _load_gates(u_ptr, H, j, mask, 0.0, CONTROL, BLOCK_H)
+    v_i, v_f, v_g, v_o = _load_gates(v_ptr, H, j, mask, 0.0, CONTROL, BLOCK_H)
     row_start = tl.program_id(0) * rows_per_program
     for b in range(row_start, tl.minimum(row_start + rows_per_program, B)):
         row, hrow = b * GH, b * H
@@ -239,14 +238,8 @@ def lstm_backward_step(dh_ptr, d_out_ptr, dc_ptr, act_ptr, c_prev_ptr, c_next_pt
         tl.store(dx_ptr + row + 1 * H + j, dxf.to(out_ty), mask=mask)
         tl.store(dx_ptr + row + 2 * H + j, dxg.to(out_ty), mask=mask)
         tl.store(dx_ptr + row + 3 * H + j, dxo.to(out_ty), mask=mask)
-    _store_state(u_ptr, 0 * H, j, mask, u_i, CONTROL)
-    _store_state(u_ptr, 1 * H, j, mask, u_f, CONTROL)
-    _store_state(u_ptr, 2 * H, j, mask, u_g, CONTROL)
-    _store_state(u_ptr, 3 * H, j, mask, u_o, CONTROL)
-    _store_state(v_ptr, 0 * H, j, mask, v_i, CONTROL)
-    _store_state(v_ptr, 1 * H, j, mask, v_f, CONTROL)
-    _store_state(v_ptr, 2 * H, j, mask, v_g, CONTROL)
-    _store_state(v_ptr, 3 * H, j, mask, v_o, CONTROL)
+    _store_gates(u_ptr, H, j, mask, u_i, u_f, u_g, u_o, CONTROL)
+    _store_gates(v_ptr, H, j, mask, v_i, v_f, v_g, v_o, CONTROL)
 
 
 @triton.jit
