@@ -1,23 +1,28 @@
 """Which implementation runs a layer's recurrence.
 
-- ``"torch"``: ``seqnorm.sequence.RecurrenceFunction``, plain PyTorch ops, any device.
-- ``"triton"``: ``seqnorm.kernels.recurrence.FusedRecurrenceFunction``, one fused
-  kernel per time step; CUDA tensors, or CPU tensors under Triton's interpreter
-  (``TRITON_INTERPRET=1`` set before the kernels are imported).
+- ``"torch"``: ``seqnorm.sequence.RecurrenceFunction``, plain PyTorch ops, any device and dtype.
+- ``"triton"``: ``seqnorm.kernels.recurrence.FusedRecurrenceFunction`` on the Triton
+  step kernels (one launch per time step); CUDA tensors, or CPU tensors under
+  Triton's interpreter (``TRITON_INTERPRET=1`` set before the kernels are imported).
+- ``"cpu"``: the same Function on the C twin of those kernels (``kernels/cpu_step.c``,
+  built with the system C compiler at first use); float32 CPU tensors.
 - ``"auto"`` (default): the value of ``$SEQNORM_BACKEND`` if set, else
   ``"triton"`` for float32/bfloat16/float16 CUDA tensors when Triton is
-  installed, else ``"torch"``.
+  installed, ``"cpu"`` for float32 CPU tensors when a C compiler is there, and
+  ``"torch"`` otherwise (with a warning when a fused backend was expected but
+  is missing).
 """
 import importlib.util
 import os
+import warnings
 
 import torch
 
 from . import _checks
 
-BACKENDS = ("auto", "torch", "triton")
-TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+BACKENDS = ("auto", "torch", "triton", "cpu")
 ENV_VAR = "SEQNORM_BACKEND"
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_backend(name: str, backend: str) -> str:
@@ -28,16 +33,45 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def cpu_kernels_available() -> bool:
+    from .kernels import cpu_step
+
+    return cpu_step.available()
+
+
 def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """'torch' or 'triton' for ``dtype`` tensors on ``device``; raises if 'triton' cannot run them."""
+    """'torch', 'triton' or 'cpu' for ``dtype`` tensors on ``device``; raises if a forced one cannot run them."""
     check_backend("backend", backend)
     if backend == "auto":
         backend = check_backend(f"${ENV_VAR}", os.environ.get(ENV_VAR, "auto"))
     if backend == "auto":
-        return "triton" if device.type == "cuda" and dtype in TRITON_DTYPES and triton_installed() else "torch"
+        return _automatic(device, dtype)
     if backend == "triton":
         _check_triton_runs_on(device, dtype)
+    if backend == "cpu":
+        _check_cpu_runs_on(device, dtype)
     return backend
+
+
+def _automatic(device: torch.device, dtype: torch.dtype) -> str:
+    if device.type == "cuda" and dtype in TRITON_DTYPES:
+        if triton_installed():
+            return "triton"
+        _warn_once("triton is not installed: seqnorm layers on CUDA run the slower torch path (pip install triton)")
+    if device.type == "cpu" and dtype == torch.float32:
+        if cpu_kernels_available():
+            return "cpu"
+        _warn_once("no C compiler found: seqnorm layers on CPU run the slower torch path (set $CC)")
+    return "torch"
+
+
+_warned = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def _check_triton_runs_on(device: torch.device, dtype: torch.dtype) -> None:
@@ -46,8 +80,17 @@ def _check_triton_runs_on(device: torch.device, dtype: torch.dtype) -> None:
                         "use backend='torch'")
     if not triton_installed():
         raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
-    from .kernels import recurrence
+    from .kernels import step
 
-    if device.type != "cuda" and not recurrence.INTERPRETED:
+    if device.type != "cuda" and not step.INTERPRETED:
         raise RuntimeError(f"backend='triton' on {device.type} tensors runs only in Triton's interpreter: set "
                            "TRITON_INTERPRET=1 before seqnorm.kernels is first imported, or use backend='torch'")
+
+
+def _check_cpu_runs_on(device: torch.device, dtype: torch.dtype) -> None:
+    from .kernels import cpu_step
+
+    if device.type != "cpu":
+        raise ValueError(f"backend='cpu' runs on CPU tensors, got {device.type} tensors; use 'triton' or 'torch'")
+    cpu_step.check_float32(dtype)
+    cpu_step.library()  # raises BuildError (a RuntimeError) naming the compiler when it cannot build

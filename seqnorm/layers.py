@@ -10,8 +10,8 @@ by every time step (and kept across calls, BPTT segments and epochs).
 
 Each layer runs as one autograd Function (input projections for all steps in
 one matmul, the recurrence and a hand-written backward): ``RecurrenceFunction``
-(plain PyTorch) or ``FusedRecurrenceFunction`` (one Triton kernel per step),
-chosen by ``backend=`` (see ``seqnorm.backend``).
+(plain PyTorch) or ``FusedRecurrenceFunction`` (one fused Triton or C kernel
+per step), chosen by ``backend=`` (see ``seqnorm.backend``).
 """
 import math
 
@@ -35,13 +35,27 @@ def _torch_recurrence(*args):
 
 @torch.compiler.disable
 def _triton_recurrence(*args):
-    from .kernels.recurrence import MAX_BLOCK_H, FusedRecurrenceFunction
+    from .kernels.recurrence import FusedRecurrenceFunction
+    from .kernels.step import TritonStep
 
-    return FusedRecurrenceFunction.apply(*args, MAX_BLOCK_H)
+    return FusedRecurrenceFunction.apply(*args, TritonStep)
 
 
-# both run eagerly inside a compiled model: torch.compile treats the recurrence as opaque
-RECURRENCES = {"torch": _torch_recurrence, "triton": _triton_recurrence}
+@torch.compiler.disable
+def _cpu_recurrence(*args):
+    from .kernels.cpu_step import CPUStep
+    from .kernels.recurrence import FusedRecurrenceFunction
+
+    return FusedRecurrenceFunction.apply(*args, CPUStep)
+
+
+# all run eagerly inside a compiled model: torch.compile treats the recurrence as opaque
+RECURRENCES = {"torch": _torch_recurrence, "triton": _triton_recurrence, "cpu": _cpu_recurrence}
+
+
+@torch.compiler.disable
+def _pick_recurrence(backend, device, dtype):
+    return RECURRENCES[backends.resolve(backend, device, dtype)]
 
 
 class _RecurrentLayers(nn.Module):
@@ -115,7 +129,6 @@ class _RecurrentLayers(nn.Module):
 
     def _run_layers(self, x, h0, c0):
         """x: (T, B, I) time-major; h0, c0: (num_layers, B, H). Returns out, [h_T], [c_T]."""
-        recurrence = RECURRENCES[backends.resolve(self.backend, x.device, x.dtype)]
         h_n, c_n = [], []
         for k in range(self.num_layers):
             w_ih, w_hh, b_ih, b_hh, norm = self._layer_params(k)
@@ -126,6 +139,7 @@ class _RecurrentLayers(nn.Module):
                                   self.training)
             state = norm.state if self.norm_type == "online" else None
             gamma, beta = (norm.weight, norm.bias) if norm is not None else (None, None)
+            recurrence = _pick_recurrence(self.backend, xproj.device, xproj.dtype)  # bf16 under autocast
             x, h, c = recurrence(spec, state, xproj, h0[k], None if c0 is None else c0[k], w_hh, gamma, beta)
             h_n.append(h)
             c_n.append(c)
@@ -154,7 +168,7 @@ class LSTM(_RecurrentLayers):
     hyperparameters default to the paper's PTB LSTM (``OnlineNormConfig()``:
     alpha_fwd = 1 - 2**-13, alpha_bkw = 1 - 2**-5, eps = 1e-5, layer scaling
     per gate); pass ``config=OnlineNormConfig(...)`` or the fields as keywords.
-    backend: "auto" (default), "torch" or "triton" (see ``seqnorm.backend``).
+    backend: "auto" (default), "torch", "triton" or "cpu" (see ``seqnorm.backend``).
     """
 
     cell = "lstm"
@@ -191,7 +205,7 @@ class RNN(_RecurrentLayers):
     forward(input, hx=None) -> output, h_n with the shapes of ``torch.nn.RNN``.
     Online Normalization hyperparameters default to the paper's PTB RNN
     (alpha_fwd = 1 - 2**-14, alpha_bkw = 1 - 2**-7, layer scaling over H).
-    backend: "auto" (default), "torch" or "triton" (see ``seqnorm.backend``).
+    backend: "auto" (default), "torch", "triton" or "cpu" (see ``seqnorm.backend``).
     """
 
     cell = "rnn"

@@ -1,8 +1,9 @@
-"""The Triton backend (seqnorm/kernels) held to the torch path.
+"""The fused backends (seqnorm/kernels: Triton and its C twin) held to the torch path.
 
-Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set
-in conftest.py); shapes stay small so it stays fast.  The CUDA tests at the
-end run only where a GPU is present.
+Without a GPU the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1,
+set in conftest.py); shapes stay small so it stays fast.  The C kernels are
+built with the system compiler.  The CUDA tests at the end run only where a
+GPU is present.
 """
 import copy
 
@@ -15,16 +16,17 @@ from seqnorm.norms import OnlineNormConfig
 from seqnorm.sequence import RecurrenceFunction, RecurrenceSpec
 
 pytest.importorskip("triton")
-from seqnorm.kernels import recurrence  # noqa: E402  (after the importorskip)
+from seqnorm.kernels import cpu_step, recurrence, step  # noqa: E402  (after the importorskip)
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 NORMS = [("online", "ls"), ("online", "ac"), ("online", "none"), ("layer", "ls"), (None, "ls")]
 CELLS = [("lstm", "tanh"), ("rnn", "tanh"), ("rnn", "relu")]
+FUSED = ["triton"] if CUDA else ["triton", "cpu"]  # the C kernels run on CPU tensors only
 
 
-def make_pair(cell, nonlinearity, norm, ecm, input_size, hidden, num_layers=1, **kw):
-    """The same layer twice: backend 'torch' and backend 'triton', affine moved away from identity."""
+def make_pair(cell, nonlinearity, norm, ecm, input_size, hidden, num_layers=1, backend="triton", **kw):
+    """The same layer twice: backend 'torch' and ``backend``, affine moved away from identity."""
     torch.manual_seed(0)
     config = OnlineNormConfig(alpha_fwd=0.9, alpha_bkw=0.8, ecm=ecm, **kw)
     extra = {} if cell == "lstm" else {"nonlinearity": nonlinearity}
@@ -35,7 +37,7 @@ def make_pair(cell, nonlinearity, norm, ecm, input_size, hidden, num_layers=1, *
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.3)
     fused = copy.deepcopy(ref)
-    fused.backend = "triton"
+    fused.backend = backend
     return ref, fused
 
 
@@ -66,36 +68,40 @@ def assert_same(ref, fused, x, hx, calls=2, atol=2e-5, rtol=1e-4):
             torch.testing.assert_close(got[key], want[key], atol=atol, rtol=rtol, msg=lambda m: f"call {call}, {key}: {m}")
 
 
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("cell,nonlinearity", CELLS)
 @pytest.mark.parametrize("norm,ecm", NORMS)
 @pytest.mark.parametrize("T,B,H", [(1, 1, 3), (5, 3, 3)])
-def test_triton_equals_torch_path(cell, nonlinearity, norm, ecm, T, B, H):
-    ref, fused = make_pair(cell, nonlinearity, norm, ecm, 4, H)
+def test_fused_equals_torch_path(backend, cell, nonlinearity, norm, ecm, T, B, H):
+    ref, fused = make_pair(cell, nonlinearity, norm, ecm, 4, H, backend=backend)
     x = torch.randn(T, B, 4, device=DEVICE) * 2
     hx = tuple(torch.randn(1, B, H, device=DEVICE) for _ in range(2 if cell == "lstm" else 1))
     assert_same(ref, fused, x, hx)
 
 
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("cell,nonlinearity", [("lstm", "tanh"), ("rnn", "tanh")])
 @pytest.mark.parametrize("norm,ecm", [("online", "ls"), ("online", "ac"), ("layer", "ls")])
-def test_triton_equals_torch_path_h200(cell, nonlinearity, norm, ecm):
-    ref, fused = make_pair(cell, nonlinearity, norm, ecm, 7, 200)
+def test_fused_equals_torch_path_h200(backend, cell, nonlinearity, norm, ecm):
+    ref, fused = make_pair(cell, nonlinearity, norm, ecm, 7, 200, backend=backend)
     assert_same(ref, fused, torch.randn(3, 2, 7, device=DEVICE), None)
 
 
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("affine", [True, False])
-def test_triton_multi_layer_batch_first_no_affine(affine):
-    ref, fused = make_pair("lstm", "tanh", "online", "ls", 4, 5, num_layers=2, affine=affine)
+def test_fused_multi_layer_batch_first_no_affine(backend, affine):
+    ref, fused = make_pair("lstm", "tanh", "online", "ls", 4, 5, num_layers=2, backend=backend, affine=affine)
     for layer in (ref, fused):
         layer.batch_first = True
     hx = tuple(torch.randn(2, 3, 5, device=DEVICE) for _ in range(2))
     assert_same(ref, fused, torch.randn(3, 4, 4, device=DEVICE), hx)
 
 
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("cell,nonlinearity", [("lstm", "tanh"), ("rnn", "relu")])
 @pytest.mark.parametrize("norm,ecm", [("online", "ls"), ("online", "ac"), ("layer", "ls")])
-def test_triton_eval_mode_freezes_state(cell, nonlinearity, norm, ecm):
-    ref, fused = make_pair(cell, nonlinearity, norm, ecm, 4, 5)
+def test_fused_eval_mode_freezes_state(backend, cell, nonlinearity, norm, ecm):
+    ref, fused = make_pair(cell, nonlinearity, norm, ecm, 4, 5, backend=backend)
     x = torch.randn(4, 3, 4, device=DEVICE)
     for layer in (ref, fused):
         layer(x)[0].sum().backward()  # move the statistics away from their initial values
@@ -117,7 +123,7 @@ def test_triton_split_over_programs(cell, norm, ecm, training):
     """Small hidden blocks (max_block_h=2) and per-row programs give the same result as one program."""
     T, B, H = 3, 3, 5
     spec = _spec(cell, norm, ecm, H, training)
-    geo = recurrence.geometry(spec, B, max_block_h=2)
+    geo = step.geometry(spec, B, max_block_h=2)
     assert geo.grid[0] * geo.grid[1] > 1, geo
     G = spec.gates
     torch.manual_seed(1)
@@ -125,7 +131,8 @@ def test_triton_split_over_programs(cell, norm, ecm, training):
             torch.randn(B, H, device=DEVICE) if cell == "lstm" else None, torch.randn(G * H, H, device=DEVICE) * 0.5,
             1 + 0.3 * torch.randn(G * H, device=DEVICE), 0.3 * torch.randn(G * H, device=DEVICE)]
     results = []
-    for fn in (lambda *a: RecurrenceFunction.apply(*a), lambda *a: recurrence.FusedRecurrenceFunction.apply(*a, 2)):
+    small_blocks = lambda spec, batch, dtype: step.TritonStep(spec, batch, dtype, max_block_h=2)  # noqa: E731
+    for fn in (RecurrenceFunction.apply, lambda *a: recurrence.FusedRecurrenceFunction.apply(*a, small_blocks)):
         state = seqnorm.OnlineNormState.initial(G * H, device=DEVICE)
         state.mu.normal_(generator=torch.Generator(DEVICE).manual_seed(2))
         leaves = [None if a is None else a.clone().requires_grad_() for a in args]
@@ -156,10 +163,15 @@ def test_triton_half_precision_close_to_float32(dtype):
 # --- choosing the backend ----------------------------------------------------
 
 
-def test_auto_backend_is_torch_on_cpu(monkeypatch):
+def test_auto_backend(monkeypatch):
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
-    assert backends.resolve("auto", torch.device("cpu"), torch.float32) == "torch"
+    assert backends.resolve("auto", torch.device("cpu"), torch.float32) == "cpu"
+    assert backends.resolve("auto", torch.device("cpu"), torch.float64) == "torch"
+    assert backends.resolve("auto", torch.device("cuda"), torch.float16) == "triton"
     assert backends.resolve("auto", torch.device("cuda"), torch.float64) == "torch"
+    monkeypatch.setattr(backends, "cpu_kernels_available", lambda: False)
+    with pytest.warns(RuntimeWarning, match="C compiler"):
+        assert backends.resolve("auto", torch.device("cpu"), torch.float32) == "torch"
 
 
 def test_env_var_forces_a_backend(monkeypatch):
@@ -184,7 +196,9 @@ def test_bad_backend_arguments(monkeypatch):
         seqnorm.LSTM(4, 5, backend="cuda")
     with pytest.raises(TypeError, match="float64"):
         seqnorm.LSTM(4, 5, backend="triton", dtype=torch.float64)(torch.randn(2, 1, 4, dtype=torch.float64))
-    monkeypatch.setattr(recurrence, "INTERPRETED", False)
+    with pytest.raises(TypeError, match="float32"):
+        seqnorm.LSTM(4, 5, backend="cpu", dtype=torch.float64)(torch.randn(2, 1, 4, dtype=torch.float64))
+    monkeypatch.setattr(step, "INTERPRETED", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         seqnorm.RNN(4, 5, backend="triton")(torch.randn(2, 1, 4))
     monkeypatch.setattr(backends, "triton_installed", lambda: False)
@@ -192,7 +206,28 @@ def test_bad_backend_arguments(monkeypatch):
         seqnorm.RNN(4, 5, backend="triton")(torch.randn(2, 1, 4))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_autocast_on_cpu_keeps_the_c_kernels_off_bfloat16(monkeypatch):
+    """Under autocast the projections are bfloat16: auto falls back to torch, a forced 'cpu' refuses."""
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    x = torch.randn(3, 2, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = seqnorm.LSTM(4, 5)(x)
+        assert out.dtype == torch.bfloat16 and out.isfinite().all()
+        with pytest.raises(TypeError, match="float32"):
+            seqnorm.LSTM(4, 5, backend="cpu")(x)
+
+
+def test_cpu_backend_names_a_missing_compiler(monkeypatch):
+    monkeypatch.setenv("CC", "no-such-compiler")
+    cpu_step.library.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="no-such-compiler"):
+            seqnorm.LSTM(4, 5, backend="cpu")(torch.randn(2, 1, 4))
+    finally:
+        cpu_step.library.cache_clear()
+
+
+@pytest.mark.parametrize("backend", ["torch"] + FUSED)
 def test_torch_compile_runs_the_layer(backend):
     """torch.compile of a model holding a layer works; the recurrence runs eagerly inside it."""
     torch.manual_seed(0)
@@ -210,7 +245,7 @@ def test_torch_compile_runs_the_layer(backend):
 
 # --- CUDA only: compiled kernels ----------------------------------------------
 
-cuda_only = pytest.mark.skipif(not CUDA or recurrence.INTERPRETED, reason="needs a GPU (compiled Triton kernels)")
+cuda_only = pytest.mark.skipif(not CUDA or step.INTERPRETED, reason="needs a GPU (compiled Triton kernels)")
 
 
 @cuda_only

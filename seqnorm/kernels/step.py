@@ -31,11 +31,15 @@ programs: rows for layer/none/eval, hidden blocks where no sum over H is needed.
 
 Constants: NORM 0 none, 1 online, 2 layer; ECM 0 none, 1 ls, 2 ac.
 """
+from dataclasses import dataclass
+
 import triton
 import triton.language as tl
 
 NORM_CODES = {None: 0, "online": 1, "layer": 2}
 ECM_CODES = {"none": 0, "ls": 1, "ac": 2}
+INTERPRETED = bool(triton.knobs.runtime.interpret)  # fixed when this module was imported
+MAX_BLOCK_H = 128
 
 
 @triton.jit
@@ -297,3 +301,57 @@ def rnn_backward_step(dh_ptr, d_out_ptr, dc_ptr, act_ptr, c_prev_ptr, c_next_ptr
         tl.store(dx_ptr + row + j, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     _store_state(u_ptr, 0, j, mask, u, CONTROL)
     _store_state(v_ptr, 0, j, mask, v, CONTROL)
+
+
+# --- launching ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How one step is split over programs: rows_per_program rows, block_h hidden units each."""
+
+    rows_per_program: int
+    block_h: int
+    grid: tuple
+    num_warps: int
+
+
+def geometry(spec, batch: int, max_block_h: int = MAX_BLOCK_H) -> Geometry:
+    """Online training needs all rows of a feature in one program; ls and layer need all H of a row."""
+    H = spec.hidden_size
+    full_row = spec.norm == "layer" or (spec.norm == "online" and spec.config.ecm == "ls")
+    block_h = triton.next_power_of_2(H) if full_row else min(triton.next_power_of_2(H), max_block_h)
+    rows = batch if spec.norm == "online" and spec.training else 1
+    num_warps = max(1, min(8, block_h // 64))
+    return Geometry(rows, block_h, (triton.cdiv(batch, rows), triton.cdiv(H, block_h)), num_warps)
+
+
+class TritonStep:
+    """Launches the step kernels for ``spec`` and a batch of ``batch`` rows, one launch per call.
+
+    ``dtype`` (of the activations) needs nothing here: the kernels take it from the pointers.
+    """
+
+    def __init__(self, spec, batch: int, dtype=None, max_block_h: int = MAX_BLOCK_H):
+        c = spec.config
+        self.geo = geo = geometry(spec, batch, max_block_h)
+        lstm = spec.cell == "lstm"
+        self._forward = (lstm_forward_step if lstm else rnn_forward_step)[geo.grid]
+        self._backward = (lstm_backward_step if lstm else rnn_backward_step)[geo.grid]
+        self.sizes = (batch, spec.hidden_size, geo.rows_per_program)
+        self.forward_scalars = (c.alpha_fwd, c.eps, c.ls_eps, c.clamp_value)
+        self.backward_scalars = (1.0 - c.alpha_bkw, c.clamp_value)
+        self.constants = dict(NORM=NORM_CODES[spec.norm], ECM=ECM_CODES[c.ecm],
+                              AFFINE=spec.norm is not None and c.affine, TRAINING=spec.training,
+                              BLOCK_H=geo.block_h, num_warps=geo.num_warps)
+        if not lstm:
+            self.constants["RELU"] = spec.nonlinearity == "relu"
+
+    def forward(self, *tensors):
+        """(pre, c_prev, c_next, h_next, act, y, s, iz, gamma, beta, mu, var)"""
+        self._forward(*tensors, *self.sizes, *self.forward_scalars, **self.constants)
+
+    def backward(self, dh, d_out, *tensors):
+        """(dh, d_out or None, dc, act, c_prev, c_next, y, s, iz, gamma, beta, da, dx, u, v)"""
+        self._backward(dh, dh if d_out is None else d_out, *tensors, *self.sizes, *self.backward_scalars,
+                       HAS_DOUT=d_out is not None, **self.constants)

@@ -1,0 +1,220 @@
+/* One time step of a normalized LSTM/RNN layer on the CPU: the C twin of the
+ * Triton kernels in step.py (same equations, same arguments, same row order;
+ * see step.py's docstring for the math and DESIGN §2 for the equations).
+ * float32 only.  Built at first use by cpu_step.py and called through ctypes.
+ *
+ * Rows are processed in order 0..B-1, every feature of a row before the next
+ * row; the Online Normalization state (mu, var forward; u, v backward) is
+ * updated in place.  Each row is done in a few passes over its features so
+ * that the compiler vectorizes the loops.  d_out (dL/d output of the step) is
+ * never NULL: a zero row stands for a missing one.
+ */
+#include <math.h>
+#include <stdint.h>
+
+enum { NORM_NONE = 0, NORM_ONLINE = 1, NORM_LAYER = 2 };
+enum { ECM_NONE = 0, ECM_LS = 1, ECM_AC = 2 };
+
+typedef struct {
+    int64_t B, H;
+    int32_t norm, ecm, affine, training, relu;
+    float alpha, eps, ls_eps, clamp_value, beta_b; /* beta_b = 1 - alpha_bkw */
+} Params;
+
+static inline float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+static inline float tanhf_(float x) {
+    float e = expf(-2.0f * fabsf(x));
+    float t = (1.0f - e) / (1.0f + e);
+    return x < 0.0f ? -t : t;
+}
+
+/* One gate of one row: x -> z (H features).  Stores y, s (and iz), updates mu, var in training. */
+static void gate_forward(const Params *p, const float *x, float *mu, float *var, const float *gamma,
+                         const float *beta, float *y, float *s, float *iz, float *z) {
+    const int64_t H = p->H;
+    if (p->norm == NORM_NONE) {
+        for (int64_t j = 0; j < H; j++) z[j] = x[j];
+        return;
+    }
+    if (p->norm == NORM_ONLINE) {
+        const float a = p->alpha, eps = p->eps;
+        for (int64_t j = 0; j < H; j++) {
+            float sj = 1.0f / sqrtf(var[j] + eps); /* eq. 8a: the state before this row */
+            float d = x[j] - mu[j];
+            s[j] = sj;
+            y[j] = d * sj;
+            if (p->training) {
+                var[j] = a * var[j] + a * (1.0f - a) * d * d; /* eq. 8c */
+                mu[j] = mu[j] + (1.0f - a) * d;               /* eq. 8b */
+            }
+        }
+    } else {
+        float mean = 0.0f, sq = 0.0f;
+        for (int64_t j = 0; j < H; j++) mean += x[j];
+        mean /= (float)H;
+        for (int64_t j = 0; j < H; j++) sq += (x[j] - mean) * (x[j] - mean);
+        float sj = 1.0f / sqrtf(sq / (float)H + p->eps);
+        for (int64_t j = 0; j < H; j++) {
+            s[j] = sj;
+            y[j] = (x[j] - mean) * sj;
+        }
+    }
+    for (int64_t j = 0; j < H; j++) z[j] = p->affine ? y[j] * gamma[j] + beta[j] : y[j];
+    if (p->norm == NORM_ONLINE && p->ecm == ECM_LS) { /* eq. 9 */
+        float ms = 0.0f;
+        for (int64_t j = 0; j < H; j++) ms += z[j] * z[j];
+        float inv = 1.0f / sqrtf(ms / (float)H + p->ls_eps);
+        *iz = inv;
+        for (int64_t j = 0; j < H; j++) z[j] *= inv;
+    } else if (p->norm == NORM_ONLINE && p->ecm == ECM_AC) {
+        const float c = p->clamp_value;
+        for (int64_t j = 0; j < H; j++) z[j] = fminf(fmaxf(z[j], -c), c);
+    }
+}
+
+/* One gate of one row, in place: d (dL/dz on entry) -> dL/dx.  Stores da (affine), updates u, v in training. */
+static void gate_backward(const Params *p, float *d, const float *y, const float *s, const float *iz,
+                          const float *gamma, const float *beta, float *da, float *u, float *v) {
+    const int64_t H = p->H;
+    if (p->norm == NORM_NONE) return;
+    if (p->norm == NORM_ONLINE && p->ecm == ECM_LS) { /* eq. 10 */
+        const float inv = *iz;
+        float m = 0.0f;
+        for (int64_t j = 0; j < H; j++) m += (p->affine ? y[j] * gamma[j] + beta[j] : y[j]) * inv * d[j];
+        m /= (float)H;
+        for (int64_t j = 0; j < H; j++) d[j] = (d[j] - (p->affine ? y[j] * gamma[j] + beta[j] : y[j]) * inv * m) * inv;
+    } else if (p->norm == NORM_ONLINE && p->ecm == ECM_AC) {
+        const float c = p->clamp_value;
+        for (int64_t j = 0; j < H; j++) {
+            float a = p->affine ? y[j] * gamma[j] + beta[j] : y[j];
+            d[j] = fabsf(a) < c ? d[j] : 0.0f;
+        }
+    }
+    if (p->affine) {
+        for (int64_t j = 0; j < H; j++) {
+            da[j] = d[j];
+            d[j] *= gamma[j];
+        }
+    }
+    if (p->norm == NORM_ONLINE) {
+        const float bb = p->beta_b;
+        for (int64_t j = 0; j < H; j++) {
+            if (p->training) {
+                float gt = d[j] - bb * v[j] * y[j]; /* eq. 11a */
+                v[j] += gt * y[j];                  /* eq. 11b */
+                float dx = gt * s[j] - bb * u[j];   /* eq. 12a */
+                u[j] += dx;                         /* eq. 12b */
+                d[j] = dx;
+            } else {
+                d[j] *= s[j];
+            }
+        }
+    } else {
+        float mdy = 0.0f, mdyy = 0.0f;
+        for (int64_t j = 0; j < H; j++) {
+            mdy += d[j];
+            mdyy += d[j] * y[j];
+        }
+        mdy /= (float)H;
+        mdyy /= (float)H;
+        for (int64_t j = 0; j < H; j++) d[j] = (d[j] - mdy - y[j] * mdyy) * s[j];
+    }
+}
+
+/* c' = f c + i g, h' = o tanh(c'); i, f, g, o hold the gate pre-activations on entry, the activations on exit. */
+static void lstm_cell_forward(int64_t H, float *restrict i, float *restrict f, float *restrict g, float *restrict o,
+                              const float *restrict c_prev, float *restrict c_next, float *restrict h_next) {
+    for (int64_t j = 0; j < H; j++) {
+        i[j] = sigmoidf_(i[j]);
+        f[j] = sigmoidf_(f[j]);
+        g[j] = tanhf_(g[j]);
+        o[j] = sigmoidf_(o[j]);
+        float c = f[j] * c_prev[j] + i[j] * g[j];
+        c_next[j] = c;
+        h_next[j] = o[j] * tanhf_(c);
+    }
+}
+
+/* dz of the four gates from dh (+ d_out) and the carried dc, which becomes dL/dc[t-1]. */
+static void lstm_cell_backward(int64_t H, const float *restrict i, const float *restrict f, const float *restrict g,
+                               const float *restrict o, const float *restrict c_prev, const float *restrict c_next,
+                               const float *restrict dh, const float *restrict d_out, float *restrict dc,
+                               float *restrict dzi, float *restrict dzf, float *restrict dzg, float *restrict dzo) {
+    for (int64_t j = 0; j < H; j++) {
+        float dhj = dh[j] + d_out[j];
+        float tc = tanhf_(c_next[j]);
+        float dcj = dc[j] + dhj * o[j] * (1.0f - tc * tc);
+        dzi[j] = dcj * g[j] * i[j] * (1.0f - i[j]);
+        dzf[j] = dcj * c_prev[j] * f[j] * (1.0f - f[j]);
+        dzg[j] = dcj * i[j] * (1.0f - g[j] * g[j]);
+        dzo[j] = dhj * tc * o[j] * (1.0f - o[j]);
+        dc[j] = dcj * f[j];
+    }
+}
+
+void lstm_forward_step(const Params *p, const float *pre, const float *c_prev, float *c_next, float *h_next,
+                       float *act, float *y, float *s, float *iz, const float *gamma, const float *beta, float *mu,
+                       float *var) {
+    const int64_t H = p->H, GH = 4 * H;
+    for (int64_t b = 0; b < p->B; b++) {
+        const int64_t row = b * GH;
+        for (int k = 0; k < 4; k++) /* z of gate k into act, made the activation below */
+            gate_forward(p, pre + row + k * H, mu + k * H, var + k * H, gamma + k * H, beta + k * H,
+                         y + row + k * H, s + row + k * H, iz + b * 4 + k, act + row + k * H);
+        float *i = act + row;
+        lstm_cell_forward(H, i, i + H, i + 2 * H, i + 3 * H, c_prev + b * H, c_next + b * H, h_next + b * H);
+    }
+}
+
+void lstm_backward_step(const Params *p, const float *dh, const float *d_out, float *dc, const float *act,
+                        const float *c_prev, const float *c_next, const float *y, const float *s, const float *iz,
+                        const float *gamma, const float *beta, float *da, float *dx, float *u, float *v) {
+    const int64_t H = p->H, GH = 4 * H;
+    for (int64_t b = 0; b < p->B; b++) {
+        const int64_t row = b * GH, hrow = b * H;
+        const float *i = act + row;
+        float *dz = dx + row;
+        lstm_cell_backward(H, i, i + H, i + 2 * H, i + 3 * H, c_prev + hrow, c_next + hrow, dh + hrow, d_out + hrow,
+                           dc + hrow, dz, dz + H, dz + 2 * H, dz + 3 * H);
+        for (int k = 0; k < 4; k++)
+            gate_backward(p, dx + row + k * H, y + row + k * H, s + row + k * H, iz + b * 4 + k, gamma + k * H,
+                          beta + k * H, da + row + k * H, u + k * H, v + k * H);
+    }
+}
+
+void rnn_forward_step(const Params *p, const float *pre, const float *c_prev, float *c_next, float *h_next,
+                      float *act, float *y, float *s, float *iz, const float *gamma, const float *beta, float *mu,
+                      float *var) {
+    (void)c_prev;
+    (void)c_next;
+    const int64_t H = p->H;
+    for (int64_t b = 0; b < p->B; b++) {
+        const int64_t row = b * H;
+        float *restrict h = act + row, *restrict hn = h_next + row;
+        gate_forward(p, pre + row, mu, var, gamma, beta, y + row, s + row, iz + b, h);
+        for (int64_t j = 0; j < H; j++) {
+            h[j] = p->relu ? fmaxf(h[j], 0.0f) : tanhf_(h[j]);
+            hn[j] = h[j];
+        }
+    }
+}
+
+void rnn_backward_step(const Params *p, const float *dh, const float *d_out, float *dc, const float *act,
+                       const float *c_prev, const float *c_next, const float *y, const float *s, const float *iz,
+                       const float *gamma, const float *beta, float *da, float *dx, float *u, float *v) {
+    (void)dc;
+    (void)c_prev;
+    (void)c_next;
+    const int64_t H = p->H;
+    for (int64_t b = 0; b < p->B; b++) {
+        const int64_t row = b * H;
+        const float *restrict dhr = dh + row, *restrict dor = d_out + row, *restrict h = act + row;
+        float *restrict dz = dx + row;
+        for (int64_t j = 0; j < H; j++) {
+            float dhj = dhr[j] + dor[j];
+            dz[j] = p->relu ? (h[j] > 0.0f ? dhj : 0.0f) : dhj * (1.0f - h[j] * h[j]);
+        }
+        gate_backward(p, dx + row, y + row, s + row, iz + b, gamma, beta, da + row, u, v);
+    }
+}
