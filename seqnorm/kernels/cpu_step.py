@@ -2,12 +2,13 @@
 
 The C file has no dependency beyond libm.  It is compiled with the system C
 compiler (``$CC``, default ``cc``) at first use into a per-process temporary
-folder (a fraction of a second; ``-march=native`` is right because it runs
-where it is built) and called through ctypes with the tensors' data pointers.
+folder, removed once the library is loaded (a fraction of a second;
+``-march=native`` is right because it runs where it is built) and called through ctypes with the tensors' data pointers.
 """
 import ctypes
 import functools
 import os
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -45,6 +46,7 @@ def library() -> ctypes.CDLL:
         detail = getattr(err, "stderr", None) or err
         raise BuildError(f"backend='cpu' needs a C compiler ({compiler!r}, set $CC) to build {SOURCE.name}: {detail}")
     lib = ctypes.CDLL(target)
+    shutil.rmtree(folder, ignore_errors=True)  # the loaded library stays mapped; nothing is left in /tmp
     for name in ("lstm_forward_step", "rnn_forward_step", "lstm_backward_step", "rnn_backward_step"):
         getattr(lib, name).restype = None
     return lib
