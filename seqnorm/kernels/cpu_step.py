@@ -42,11 +42,12 @@ def library() -> ctypes.CDLL:
     target = os.path.join(folder, "cpu_step.so")
     try:
         subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", target, "-lm"], check=True, capture_output=True, text=True)
+        lib = ctypes.CDLL(target)
     except (OSError, subprocess.CalledProcessError) as err:
         detail = getattr(err, "stderr", None) or err
         raise BuildError(f"backend='cpu' needs a C compiler ({compiler!r}, set $CC) to build {SOURCE.name}: {detail}")
-    lib = ctypes.CDLL(target)
-    shutil.rmtree(folder, ignore_errors=True)  # the loaded library stays mapped; nothing is left in /tmp
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # a loaded library stays mapped; nothing is left in /tmp
     for name in ("lstm_forward_step", "rnn_forward_step", "lstm_backward_step", "rnn_backward_step"):
         getattr(lib, name).restype = None
     return lib
