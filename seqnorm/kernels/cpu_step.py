@@ -53,7 +53,9 @@ def library() -> ctypes.CDLL:
     return lib
 
 
+@functools.cache
 def available() -> bool:
+    """Whether the kernels build here; asked once per process (a failed build is not retried on each call)."""
     try:
         library()
     except BuildError:
