@@ -9,6 +9,7 @@ the data, the carried hidden state, running epoch sums).
 from __future__ import annotations
 
 import os
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from .data import vocab_from_state
 from .model import ModelConfig, RNNLM
 
 FORMAT = "seqnorm-lm/1"
+MODEL_DEFAULTS = {f.name: f.default for f in fields(ModelConfig) if f.name != "vocab_size"}
 
 
 class CheckpointError(ValueError):
@@ -56,7 +58,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
 
 def check_model_config(ckpt: dict, cfg: ModelConfig, path) -> None:
     """Error naming every architecture field where ``cfg`` differs from the checkpoint's."""
-    saved = ckpt["model_config"]
+    saved = {**MODEL_DEFAULTS, **ckpt["model_config"]}  # fields added later: older checkpoints had the default
     diffs = [f"{k}={saved.get(k)!r} in the checkpoint vs {v!r} requested" for k, v in cfg.to_dict().items()
              if saved.get(k) != v]
     if diffs:

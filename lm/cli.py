@@ -51,6 +51,9 @@ def add_train_parser(sub):
     _add(p, "--alpha-fwd", name="alpha_fwd", type=float, help="ON forward decay (None: 1-2^-13 LSTM, 1-2^-14 RNN)")
     _add(p, "--alpha-bkw", name="alpha_bkw", type=float, help="ON backward decay (None: 1-2^-5 LSTM, 1-2^-7 RNN)")
     _add(p, "--ecm", name="ecm", choices=("ls", "ac", "none"), help="ON error compensation")
+    _add(p, "--v-decay-min", name="v_decay_min", type=_optional_float,
+         help="ON floor on v's per-row decay, as in the reference's recurrent experiments; none: the paper's "
+              "printed equations")
     _add(p, "--epochs", name="epochs", type=int, help="epochs")
     _add(p, "--max-steps", name="max_steps", type=int, help="stop after this many optimizer steps in total")
     _add(p, "--lr", name="lr", type=float, help="SGD learning rate")

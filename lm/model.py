@@ -34,6 +34,7 @@ class ModelConfig:
     alpha_fwd: float | None = None  # None: the layer's paper default (LSTM 1-2^-13, RNN 1-2^-14)
     alpha_bkw: float | None = None  # None: LSTM 1-2^-5, RNN 1-2^-7
     ecm: str = "ls"
+    v_decay_min: float | None = 1e-5  # ON v-decay floor (DESIGN §2); None: the paper's printed equations
 
     def __post_init__(self):
         if self.cell not in CELLS:
@@ -51,6 +52,7 @@ class ModelConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        seqnorm.OnlineNormConfig(v_decay_min=self.v_decay_min)  # validates it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,6 +65,7 @@ def build_recurrent(cfg: ModelConfig) -> nn.Module:
     if cfg.cell == "rnn-cudnn":
         return nn.RNN(cfg.emsize, cfg.nhid, cfg.nlayers, nonlinearity=cfg.nonlinearity, dropout=dropout)
     on = {k: v for k, v in (("alpha_fwd", cfg.alpha_fwd), ("alpha_bkw", cfg.alpha_bkw)) if v is not None}
+    on["v_decay_min"] = cfg.v_decay_min
     norm = None if cfg.norm == "none" else cfg.norm
     if cfg.cell == "lstm":
         return seqnorm.LSTM(cfg.emsize, cfg.nhid, cfg.nlayers, dropout=dropout, norm=norm, ecm=cfg.ecm, **on)

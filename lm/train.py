@@ -50,6 +50,7 @@ class TrainConfig:
     alpha_fwd: float | None = None
     alpha_bkw: float | None = None
     ecm: str = "ls"
+    v_decay_min: float | None = 1e-5
     epochs: int = 25
     max_steps: int | None = None
     lr: float = 6.5
@@ -84,7 +85,7 @@ class TrainConfig:
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         arch = ("cell", "norm", "emsize", "nhid", "nlayers", "dropout", "tied", "nonlinearity", "alpha_fwd",
-                "alpha_bkw", "ecm")
+                "alpha_bkw", "ecm", "v_decay_min")
         return ModelConfig(vocab_size=vocab_size, **{k: getattr(self, k) for k in arch})
 
 

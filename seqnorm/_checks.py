@@ -14,6 +14,15 @@ def check_positive(name: str, value: float) -> float:
     return float(value)
 
 
+def check_v_decay_min(value):
+    """The v-decay floor (DESIGN §2): a float in [0, 1), or None for no floor."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"v_decay_min must be a number in [0, 1) or None (no floor), got {value!r}")
+    return float(value)
+
+
 def check_choice(name: str, value, choices):
     if value not in choices:
         raise ValueError(f"{name} must be one of {sorted(map(str, choices))}, got {value!r}")

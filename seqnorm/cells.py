@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import _checks
-from .norms import OnlineNormConfig, build_norm, canonical_norm
+from .norms import OnlineNormConfig, build_norm, canonical_norm, make_config
 
 NONLINEARITIES = {"tanh": torch.tanh, "relu": torch.relu}
 
@@ -51,7 +51,7 @@ class _NormalizedCell(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.input_size, self.hidden_size, self.bias = input_size, hidden_size, bias
         self.norm_type = canonical_norm(norm)
-        self.config = config or OnlineNormConfig()
+        self.config = config
         kw = dict(device=device, dtype=dtype)
         self.weight_ih = nn.Parameter(torch.empty(gates * hidden_size, input_size, **kw))
         self.weight_hh = nn.Parameter(torch.empty(gates * hidden_size, hidden_size, **kw))
@@ -79,11 +79,13 @@ class LSTMCell(_NormalizedCell):
     """``torch.nn.LSTMCell`` with normalized gate pre-activations.
 
     forward(input, hx=None) -> (h', c'); input (B, input_size) or (input_size,).
+    Online Normalization settings: ``config=OnlineNormConfig(...)`` or its fields as keywords.
     """
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, norm="online",
-                 config: OnlineNormConfig | None = None, norm_cell: bool = False, device=None, dtype=None):
-        super().__init__(input_size, hidden_size, 4, bias, norm, config, device, dtype)
+                 config: OnlineNormConfig | None = None, norm_cell: bool = False, device=None, dtype=None,
+                 **config_fields):
+        super().__init__(input_size, hidden_size, 4, bias, norm, make_config(config, config_fields), device, dtype)
         self.norm_cell = norm_cell
         self.cell_norm = build_norm(self.norm_type, hidden_size, hidden_size, self.config, device, dtype) if norm_cell else None
 
@@ -102,11 +104,14 @@ class LSTMCell(_NormalizedCell):
 
 
 class RNNCell(_NormalizedCell):
-    """``torch.nn.RNNCell`` (tanh or relu) with a normalized pre-activation."""
+    """``torch.nn.RNNCell`` (tanh or relu) with a normalized pre-activation.
+
+    Online Normalization settings: ``config=OnlineNormConfig(...)`` or its fields as keywords.
+    """
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
-                 norm="online", config: OnlineNormConfig | None = None, device=None, dtype=None):
-        super().__init__(input_size, hidden_size, 1, bias, norm, config, device, dtype)
+                 norm="online", config: OnlineNormConfig | None = None, device=None, dtype=None, **config_fields):
+        super().__init__(input_size, hidden_size, 1, bias, norm, make_config(config, config_fields), device, dtype)
         self.nonlinearity = _checks.check_choice("nonlinearity", nonlinearity, tuple(NONLINEARITIES))
 
     def forward(self, input: torch.Tensor, hx=None):

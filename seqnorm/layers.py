@@ -22,7 +22,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import _checks, backend as backends
 from .cells import NONLINEARITIES
-from .norms import OnlineNormConfig, build_norm, canonical_norm
+from .norms import OnlineNormConfig, build_norm, canonical_norm, make_config
 from .sequence import RecurrenceFunction, RecurrenceSpec
 
 PAPER_RNN_CONFIG = OnlineNormConfig(alpha_fwd=1 - 2**-14, alpha_bkw=1 - 2**-7)
@@ -167,7 +167,8 @@ class LSTM(_RecurrentLayers):
     norm: "online" (default), "layer" or None.  Online Normalization
     hyperparameters default to the paper's PTB LSTM (``OnlineNormConfig()``:
     alpha_fwd = 1 - 2**-13, alpha_bkw = 1 - 2**-5, eps = 1e-5, layer scaling
-    per gate); pass ``config=OnlineNormConfig(...)`` or the fields as keywords.
+    per gate, v_decay_min = 1e-5 as in the reference's recurrent experiments);
+    pass ``config=OnlineNormConfig(...)`` or the fields as keywords.
     backend: "auto" (default), "torch", "triton" or "cpu" (see ``seqnorm.backend``).
     """
 
@@ -177,8 +178,8 @@ class LSTM(_RecurrentLayers):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, norm="online", config: OnlineNormConfig | None = None,
                  backend: str = "auto", device=None, dtype=None, **config_fields):
-        config = config or OnlineNormConfig(**config_fields)
-        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, norm, config, "tanh",
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, norm,
+                         make_config(config, config_fields), "tanh",
                          backend, device, dtype)
 
     def forward(self, input: torch.Tensor, hx=None):
@@ -216,8 +217,7 @@ class RNN(_RecurrentLayers):
                  config: OnlineNormConfig | None = None, backend: str = "auto", device=None, dtype=None,
                  **config_fields):
         _checks.check_choice("nonlinearity", nonlinearity, tuple(NONLINEARITIES))
-        if config is None:
-            config = OnlineNormConfig(**{**vars(PAPER_RNN_CONFIG), **config_fields})
+        config = make_config(config, config_fields, PAPER_RNN_CONFIG)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, norm, config, nonlinearity,
                          backend, device, dtype)
 

@@ -35,6 +35,7 @@ class OnlineNormConfig:
     ecm: str = "ls"
     clamp_value: float = 5.0
     ls_eps: float = 1e-5
+    v_decay_min: float | None = 1e-5  # floor on v's per-row decay (eq. 11); None: the paper's printed equations
 
     def __post_init__(self):
         _checks.check_alpha("alpha_fwd", self.alpha_fwd)
@@ -43,6 +44,19 @@ class OnlineNormConfig:
         _checks.check_positive("ls_eps", self.ls_eps)
         _checks.check_positive("clamp_value", self.clamp_value)
         _checks.check_choice("ecm", self.ecm, ECM_CHOICES)
+        _checks.check_v_decay_min(self.v_decay_min)
+
+
+def make_config(config: OnlineNormConfig | None, fields: dict, base: OnlineNormConfig = OnlineNormConfig()):
+    """``config``, or ``base`` with the OnlineNormConfig ``fields`` given as keywords to a cell or layer."""
+    if config is not None:
+        if fields:
+            raise TypeError(f"pass config= or OnlineNormConfig fields as keywords, not both (got {sorted(fields)})")
+        return config
+    unknown = sorted(set(fields) - set(vars(base)))
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments {unknown}; OnlineNormConfig fields are {sorted(vars(base))}")
+    return OnlineNormConfig(**{**vars(base), **fields})
 
 
 class GroupLayerNorm(nn.Module):
@@ -69,7 +83,8 @@ def build_norm(norm, num_features: int, group_size: int, config: OnlineNormConfi
     if norm == "online":
         return OnlineNorm(
             num_features, config.alpha_fwd, config.alpha_bkw, config.eps, config.affine, config.ecm,
-            config.clamp_value, config.ls_eps, ls_group_size=group_size, device=device, dtype=dtype,
+            config.clamp_value, config.ls_eps, ls_group_size=group_size, v_decay_min=config.v_decay_min,
+            device=device, dtype=dtype,
         )
     if norm == "layer":
         return GroupLayerNorm(num_features, group_size, config.eps, config.affine, device=device, dtype=dtype)

@@ -67,14 +67,17 @@ def _forward_loop(x, state, alpha, eps):
     return torch.stack(ys), torch.stack(ss)
 
 
-def _backward_loop(g, y, s, state, alpha_bkw):
+def _backward_loop(g, y, s, state, alpha_bkw, v_decay_min):
     """Control process, rows in order 0..N-1. g, y: (N, C, L); s: (N, C)."""
     u, v = state.u.to(g.dtype), state.v.to(g.dtype)
     beta = 1 - alpha_bkw
     out = []
     for g_n, y_n, s_n in zip(g, y, s):
         gt = g_n - beta * v[:, None] * y_n  # eq. 11a
-        v = v + (gt * y_n).mean(-1)  # eq. 11b
+        decay = 1 - beta * (y_n * y_n).mean(-1)  # eq. 11b: v + mean(gt y) = decay v + mean(g y) ...
+        if v_decay_min is not None:
+            decay = decay.clamp_min(v_decay_min)  # ... with the reference's floor on the decay
+        v = decay * v + (g_n * y_n).mean(-1)
         dx = gt / s_n[:, None] - beta * u[:, None]  # eq. 12a
         u = u + dx.mean(-1)  # eq. 12b
         out.append(dx)
@@ -101,10 +104,12 @@ def _forward_scan(x, state, alpha, eps):
     return y, s
 
 
-def _backward_scan(g, y, s, state, alpha_bkw):
+def _backward_scan(g, y, s, state, alpha_bkw, v_decay_min):
     beta = 1 - alpha_bkw
-    # eq. 11: v[n+1] = v[n] + mean(gt*y) = (1 - beta*mean(y^2)) v[n] + mean(g*y)
+    # eq. 11: v[n+1] = v[n] + mean(gt*y) = max(1 - beta*mean(y^2), v_decay_min) v[n] + mean(g*y)
     a = 1 - beta * (y * y).mean(-1)
+    if v_decay_min is not None:
+        a = a.clamp_min(v_decay_min)  # then every a > 0 and the cumprod form applies unless it underflows
     prod = torch.cumprod(a, 0) if scan.cumprod_is_safe(a)[0] else None
     v_all = scan.var_scan(state.v.to(g.dtype), a, (g * y).mean(-1), prod)
     gt = g - beta * v_all[:-1, :, None] * y  # eq. 11a
@@ -127,19 +132,19 @@ def compute_dtype(x_dtype: torch.dtype, state: OnlineNormState) -> torch.dtype:
 
 class _OnlineNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, state, alpha_fwd, alpha_bkw, eps, impl):
+    def forward(ctx, x, state, alpha_fwd, alpha_bkw, eps, impl, v_decay_min):
         x3 = x.reshape(x.shape[0], x.shape[1], -1).to(compute_dtype(x.dtype, state))
         y, s = _FORWARD[impl](x3, state, alpha_fwd, eps)
         ctx.save_for_backward(y, s)
-        ctx.state, ctx.alpha_bkw, ctx.impl = state, alpha_bkw, impl
+        ctx.state, ctx.alpha_bkw, ctx.impl, ctx.v_decay_min = state, alpha_bkw, impl, v_decay_min
         return y.view(x.shape).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         y, s = ctx.saved_tensors
         g = grad.reshape(y.shape).to(y.dtype)
-        dx = _BACKWARD[ctx.impl](g, y, s, ctx.state, ctx.alpha_bkw)
-        return dx.view(grad.shape).to(grad.dtype), None, None, None, None, None
+        dx = _BACKWARD[ctx.impl](g, y, s, ctx.state, ctx.alpha_bkw, ctx.v_decay_min)
+        return dx.view(grad.shape).to(grad.dtype), None, None, None, None, None, None
 
 
 def online_norm(
@@ -150,14 +155,16 @@ def online_norm(
     eps: float = 1e-5,
     training: bool = True,
     impl: str = "scan",
+    v_decay_min: float | None = 1e-5,
 ) -> torch.Tensor:
     """Normalize x of shape (N, C, *L) with a shared ``state`` (no affine, no ECM).
 
     Training: the streaming forward updates ``state.mu/var`` in place, and the
     backward (when autograd runs it) updates ``state.u/v``.  Eval: frozen stats.
+    v_decay_min: floor on v's per-row decay (the reference's recurrent experiments); None: as printed.
     """
     if training:
-        return _OnlineNormFunction.apply(x, state, alpha_fwd, alpha_bkw, eps, impl)
+        return _OnlineNormFunction.apply(x, state, alpha_fwd, alpha_bkw, eps, impl, v_decay_min)
     view = (1, -1) + (1,) * (x.dim() - 2)
     dtype = compute_dtype(x.dtype, state)
     y = (x.to(dtype) - state.mu.to(dtype).view(view)) * torch.rsqrt(state.var.to(dtype).view(view) + eps)
@@ -169,6 +176,8 @@ class OnlineNorm(nn.Module):
 
     ecm: ``"ls"`` layer scaling over groups of ``ls_group_size`` features
     (default: all C), ``"ac"`` activation clamping at ``clamp_value``, ``"none"``.
+    v_decay_min: floor on v's per-row decay in eq. 11, as in the reference's
+    recurrent experiments (DESIGN §2); None gives the paper's printed equations.
     State buffers (saved in the state_dict; float32, or float64 for a float64
     module, never lower): running_mean, running_var, control_u, control_v.
     """
@@ -185,6 +194,7 @@ class OnlineNorm(nn.Module):
         ls_eps: float = 1e-5,
         ls_group_size: int | None = None,
         impl: str = "scan",
+        v_decay_min: float | None = 1e-5,
         device=None,
         dtype=None,
     ):
@@ -202,6 +212,7 @@ class OnlineNorm(nn.Module):
         self.clamp_value = _checks.check_positive("clamp_value", clamp_value)
         self.ecm = _checks.check_choice("ecm", ecm, ECM_CHOICES)
         self.impl = _checks.check_choice("impl", impl, IMPLS)
+        self.v_decay_min = _checks.check_v_decay_min(v_decay_min)
         self.ls_group_size = group
         self.affine = affine
         add_affine(self, num_features, affine, device, dtype)
@@ -243,7 +254,8 @@ class OnlineNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        y = online_norm(x, self.state, self.alpha_fwd, self.alpha_bkw, self.eps, self.training, self.impl)
+        y = online_norm(x, self.state, self.alpha_fwd, self.alpha_bkw, self.eps, self.training, self.impl,
+                        self.v_decay_min)
         if self.affine:
             view = (1, -1) + (1,) * (x.dim() - 2)
             y = y * self.weight.view(view) + self.bias.view(view)
@@ -252,5 +264,6 @@ class OnlineNorm(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, alpha_fwd={self.alpha_fwd}, alpha_bkw={self.alpha_bkw}, eps={self.eps}, "
-            f"affine={self.affine}, ecm={self.ecm!r}, ls_group_size={self.ls_group_size}"
+            f"affine={self.affine}, ecm={self.ecm!r}, ls_group_size={self.ls_group_size}, "
+            f"v_decay_min={self.v_decay_min}"
         )

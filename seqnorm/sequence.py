@@ -157,8 +157,10 @@ class _OnlineStep:
         if not self.training:
             return
         beta, dtype, device = 1 - c.alpha_bkw, self.y_all.dtype, self.y_all.device
-        # eq. 11 as v[n+1] = coef[n] v[n] + g[n] y[n], coef = 1 - beta y^2: closed form via cumprod
+        # eq. 11 as v[n+1] = coef[n] v[n] + g[n] y[n], coef = max(1 - beta y^2, v_decay_min): closed form via cumprod
         coef = torch.addcmul(torch.ones((), dtype=dtype, device=device), self.y_all, self.y_all, value=-beta)
+        if c.v_decay_min is not None:
+            coef.clamp_min_(c.v_decay_min)
         prod = torch.cumprod(coef, 1)
         self.safe, self.coef_steps = scan.cumprod_is_safe(coef), _steps(coef)
         self.prod_steps = _steps(prod)

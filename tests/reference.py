@@ -19,12 +19,18 @@ def on_forward(x, mu, var, alpha, eps):
     return torch.stack(ys), torch.stack(ss), mu, var
 
 
-def on_backward(g, y, s, u, v, alpha_bkw):
-    """Per-row control process (eqs. 11-12), rows in order. Returns dx, u, v."""
+def on_backward(g, y, s, u, v, alpha_bkw, v_decay_min):
+    """Per-row control process (eqs. 11-12), rows in order. Returns dx, u, v.
+
+    v_decay_min: floor on v's decay 1 - (1 - alpha_bkw) mean(y^2) (DESIGN §2); None: no floor.
+    """
     out = []
     for g_n, y_n, s_n in zip(g, y, s):
         gt = g_n - (1 - alpha_bkw) * v[:, None] * y_n
-        v = v + (gt * y_n).mean(-1)
+        decay = 1 - (1 - alpha_bkw) * (y_n**2).mean(-1)
+        if v_decay_min is not None:
+            decay = torch.maximum(decay, torch.full_like(decay, v_decay_min))
+        v = decay * v + (g_n * y_n).mean(-1)
         dx = gt / s_n[:, None] - (1 - alpha_bkw) * u[:, None]
         u = u + dx.mean(-1)
         out.append(dx)

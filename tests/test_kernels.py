@@ -84,7 +84,9 @@ def test_fused_equals_torch_path(backend, cell, nonlinearity, norm, ecm, T, B, H
 @pytest.mark.parametrize("norm,ecm", [("online", "ls"), ("online", "ac"), ("layer", "ls")])
 def test_fused_equals_torch_path_h200(backend, cell, nonlinearity, norm, ecm):
     ref, fused = make_pair(cell, nonlinearity, norm, ecm, 7, 200, backend=backend)
-    assert_same(ref, fused, torch.randn(3, 2, 7, device=DEVICE), None)
+    # |dx| reaches ~30 here; float32 sums over 200 features differ by a few 1e-5 between paths
+    # (each path is as close as the other to a float64 run), so atol is 1e-4 (3e-6 of the largest value)
+    assert_same(ref, fused, torch.randn(3, 2, 7, device=DEVICE), None, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend", FUSED)

@@ -29,18 +29,20 @@ def reference_calls(xs, grads, module_kwargs):
     for k in reversed(range(len(xs))):  # autograd order: last call's backward first
         yl, z, y, s = saved[k]
         (gy,) = torch.autograd.grad(z, yl, grads[k])
-        dx, u, v = reference.on_backward(gy.reshape(y.shape), y, s, u, v, alpha_b)
+        dx, u, v = reference.on_backward(gy.reshape(y.shape), y, s, u, v, alpha_b, module_kwargs["v_decay_min"])
         dxs[k] = dx.reshape(xs[k].shape)
     return outs, dxs, (mu, var, u, v), (weight, bias)
 
 
+@pytest.mark.parametrize("v_decay_min", [1e-5, None])
 @pytest.mark.parametrize("ecm", ["ls", "ac", "none"])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("impl", ["scan", "loop"])
 @pytest.mark.parametrize("shape", [(5, 6), (1, 6), (4, 6, 3)])
-def test_matches_reference_over_consecutive_calls(ecm, affine, impl, shape):
+def test_matches_reference_over_consecutive_calls(ecm, affine, impl, shape, v_decay_min):
     torch.manual_seed(0)
-    kwargs = dict(alpha_fwd=0.8, alpha_bkw=0.7, ecm=ecm, affine=affine, ls_group_size=3, impl=impl)
+    kwargs = dict(alpha_fwd=0.8, alpha_bkw=0.7, ecm=ecm, affine=affine, ls_group_size=3, impl=impl,
+                  v_decay_min=v_decay_min)
     xs = [torch.randn(shape, dtype=F64) * 2 + 1 for _ in range(4)]
     grads = [torch.randn(shape, dtype=F64) for _ in range(4)]
     outs, dxs, state, (weight, bias) = reference_calls(xs, grads, kwargs)
@@ -68,7 +70,8 @@ def test_float32_module_keeps_float32_state_and_matches_reference():
     g = torch.randn(16, 8)
     m(x).backward(g)
     y, s, mu, var = reference.on_forward(x.detach().double()[..., None], torch.zeros(8, dtype=F64), torch.ones(8, dtype=F64), 0.9, 1e-5)
-    dx, u, v = reference.on_backward(g.double()[..., None], y, s, torch.zeros(8, dtype=F64), torch.zeros(8, dtype=F64), 0.9)
+    dx, u, v = reference.on_backward(g.double()[..., None], y, s, torch.zeros(8, dtype=F64), torch.zeros(8, dtype=F64), 0.9,
+                                     1e-5)
     assert m.running_mean.dtype == torch.float32
     torch.testing.assert_close(x.grad.double(), dx[..., 0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(m.control_v.double(), v, rtol=1e-4, atol=1e-5)

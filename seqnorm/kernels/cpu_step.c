@@ -19,6 +19,7 @@ typedef struct {
     int64_t B, H;
     int32_t norm, ecm, affine, training, relu;
     float alpha, eps, ls_eps, clamp_value, beta_b; /* beta_b = 1 - alpha_bkw */
+    float v_decay_min;                             /* floor on v's decay; -FLT_MAX for none */
 } Params;
 
 static inline float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
@@ -98,11 +99,12 @@ static void gate_backward(const Params *p, float *d, const float *y, const float
         }
     }
     if (p->norm == NORM_ONLINE) {
-        const float bb = p->beta_b;
+        const float bb = p->beta_b, floor_ = p->v_decay_min;
         for (int64_t j = 0; j < H; j++) {
             if (p->training) {
-                float gt = d[j] - bb * v[j] * y[j]; /* eq. 11a */
-                v[j] += gt * y[j];                  /* eq. 11b */
+                float gt = d[j] - bb * v[j] * y[j];                   /* eq. 11a */
+                float decay = fmaxf(1.0f - bb * y[j] * y[j], floor_); /* eq. 11b, v + gt y, with the floor */
+                v[j] = decay * v[j] + d[j] * y[j];
                 float dx = gt * s[j] - bb * u[j];   /* eq. 12a */
                 u[j] += dx;                         /* eq. 12b */
                 d[j] = dx;

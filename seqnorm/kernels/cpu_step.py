@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import step
+from .constants import ECM_CODES, NORM_CODES, decay_floor
 
 SOURCE = Path(__file__).with_name("cpu_step.c")
 CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-shared")
@@ -27,7 +27,7 @@ class Params(ctypes.Structure):
     _fields_ = [("B", ctypes.c_int64), ("H", ctypes.c_int64), ("norm", ctypes.c_int32), ("ecm", ctypes.c_int32),
                 ("affine", ctypes.c_int32), ("training", ctypes.c_int32), ("relu", ctypes.c_int32),
                 ("alpha", ctypes.c_float), ("eps", ctypes.c_float), ("ls_eps", ctypes.c_float),
-                ("clamp_value", ctypes.c_float), ("beta_b", ctypes.c_float)]
+                ("clamp_value", ctypes.c_float), ("beta_b", ctypes.c_float), ("v_decay_min", ctypes.c_float)]
 
 
 class BuildError(RuntimeError):
@@ -74,9 +74,9 @@ class CPUStep:
         check_float32(dtype)  # the C code reads every buffer as float32
         c, lib = spec.config, library()
         self.params = ctypes.byref(Params(
-            batch, spec.hidden_size, step.NORM_CODES[spec.norm], step.ECM_CODES[c.ecm],
+            batch, spec.hidden_size, NORM_CODES[spec.norm], ECM_CODES[c.ecm],
             spec.norm is not None and c.affine, spec.training, spec.nonlinearity == "relu", c.alpha_fwd, c.eps,
-            c.ls_eps, c.clamp_value, 1.0 - c.alpha_bkw))
+            c.ls_eps, c.clamp_value, 1.0 - c.alpha_bkw, decay_floor(c)))
         self._forward = lib.lstm_forward_step if spec.cell == "lstm" else lib.rnn_forward_step
         self._backward = lib.lstm_backward_step if spec.cell == "lstm" else lib.rnn_backward_step
         self.zero_rows = torch.zeros(batch, spec.hidden_size)  # stands for a missing d_out

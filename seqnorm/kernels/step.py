@@ -18,7 +18,8 @@ the carried dc: the cell backward gives dz; then
     ls:      da = (dz - z mean_H(z dz)) iz                      (eq. 10)
     ac:      da = dz where |a| < c, else 0
     affine:  dy = gamma da  (da is stored: the host sums da*y and da for the parameters)
-    online:  gt = dy - (1-ab) v y; v <- v + gt y               (eq. 11)
+    online:  gt = dy - (1-ab) v y; v <- max(1 - (1-ab) y^2, v_decay_min) v + dy y   (eq. 11; = v + gt y
+             where the floor does not bind; NO_FLOOR for None)
              dx = gt s - (1-ab) u;  u <- u + dx                 (eq. 12)
     layer:   dx = (dy - mean_H dy - y mean_H(dy y)) s
 
@@ -36,8 +37,8 @@ from dataclasses import dataclass
 import triton
 import triton.language as tl
 
-NORM_CODES = {None: 0, "online": 1, "layer": 2}
-ECM_CODES = {"none": 0, "ls": 1, "ac": 2}
+from .constants import ECM_CODES, NORM_CODES, decay_floor
+
 INTERPRETED = bool(triton.knobs.runtime.interpret)  # fixed when this module was imported
 MAX_BLOCK_H = 128
 
@@ -87,6 +88,7 @@ def _gate_forward(x, mu, var, gamma_ptr, beta_ptr, y_ptr, s_ptr, iz_ptr, j, mask
 
 @triton.jit
 def _gate_backward(dz, u, v, y_ptr, s_ptr, iz_ptr, gamma_ptr, beta_ptr, da_ptr, j, mask, H, beta_b, clamp_value,
+                   v_decay_min,
                    NORM: tl.constexpr, ECM: tl.constexpr, AFFINE: tl.constexpr, TRAINING: tl.constexpr):
     """One gate of one row: dL/dz -> dL/dx.  Stores da (affine); returns dx and the new u, v."""
     dx = dz
@@ -111,7 +113,7 @@ def _gate_backward(dz, u, v, y_ptr, s_ptr, iz_ptr, gamma_ptr, beta_ptr, da_ptr, 
         if NORM == 1:
             if TRAINING:
                 gt = dy - beta_b * v * y  # eq. 11a
-                v = v + gt * y  # eq. 11b
+                v = tl.maximum(1.0 - beta_b * y * y, v_decay_min) * v + dy * y  # eq. 11b with the floor
                 dx = gt * s - beta_b * u  # eq. 12a
                 u = u + dx  # eq. 12b
             else:
@@ -199,8 +201,8 @@ def lstm_forward_step(pre_ptr, c_prev_ptr, c_next_ptr, h_next_ptr, act_ptr, y_pt
 @triton.jit
 def lstm_backward_step(dh_ptr, d_out_ptr, dc_ptr, act_ptr, c_prev_ptr, c_next_ptr, y_ptr, s_ptr, iz_ptr, gamma_ptr,
                        beta_ptr, da_ptr, dx_ptr, u_ptr, v_ptr, B, H, rows_per_program, beta_b, clamp_value,
-                       NORM: tl.constexpr, ECM: tl.constexpr, AFFINE: tl.constexpr, TRAINING: tl.constexpr,
-                       HAS_DOUT: tl.constexpr, BLOCK_H: tl.constexpr):
+                       v_decay_min, NORM: tl.constexpr, ECM: tl.constexpr, AFFINE: tl.constexpr,
+                       TRAINING: tl.constexpr, HAS_DOUT: tl.constexpr, BLOCK_H: tl.constexpr):
     """Backward of lstm_forward_step; dc (B, H) is read and overwritten with dL/dc[t-1]."""
     j = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = j < H
@@ -227,16 +229,16 @@ def lstm_backward_step(dh_ptr, d_out_ptr, dc_ptr, act_ptr, c_prev_ptr, c_next_pt
         tl.store(dc_ptr + hrow + j, dc * f, mask=mask)
         dxi, u_i, v_i = _gate_backward(dzi, u_i, v_i, y_ptr + row + 0 * H, s_ptr + row + 0 * H, iz_ptr + b * 4 + 0,
                                        gamma_ptr + 0 * H, beta_ptr + 0 * H, da_ptr + row + 0 * H, j, mask, H, beta_b,
-                                       clamp_value, NORM, ECM, AFFINE, TRAINING)
+                                       clamp_value, v_decay_min, NORM, ECM, AFFINE, TRAINING)
         dxf, u_f, v_f = _gate_backward(dzf, u_f, v_f, y_ptr + row + 1 * H, s_ptr + row + 1 * H, iz_ptr + b * 4 + 1,
                                        gamma_ptr + 1 * H, beta_ptr + 1 * H, da_ptr + row + 1 * H, j, mask, H, beta_b,
-                                       clamp_value, NORM, ECM, AFFINE, TRAINING)
+                                       clamp_value, v_decay_min, NORM, ECM, AFFINE, TRAINING)
         dxg, u_g, v_g = _gate_backward(dzg, u_g, v_g, y_ptr + row + 2 * H, s_ptr + row + 2 * H, iz_ptr + b * 4 + 2,
                                        gamma_ptr + 2 * H, beta_ptr + 2 * H, da_ptr + row + 2 * H, j, mask, H, beta_b,
-                                       clamp_value, NORM, ECM, AFFINE, TRAINING)
+                                       clamp_value, v_decay_min, NORM, ECM, AFFINE, TRAINING)
         dxo, u_o, v_o = _gate_backward(dzo, u_o, v_o, y_ptr + row + 3 * H, s_ptr + row + 3 * H, iz_ptr + b * 4 + 3,
                                        gamma_ptr + 3 * H, beta_ptr + 3 * H, da_ptr + row + 3 * H, j, mask, H, beta_b,
-                                       clamp_value, NORM, ECM, AFFINE, TRAINING)
+                                       clamp_value, v_decay_min, NORM, ECM, AFFINE, TRAINING)
         out_ty = dx_ptr.dtype.element_ty
         tl.store(dx_ptr + row + 0 * H + j, dxi.to(out_ty), mask=mask)
         tl.store(dx_ptr + row + 1 * H + j, dxf.to(out_ty), mask=mask)
@@ -277,8 +279,8 @@ def rnn_forward_step(pre_ptr, c_prev_ptr, c_next_ptr, h_next_ptr, act_ptr, y_ptr
 @triton.jit
 def rnn_backward_step(dh_ptr, d_out_ptr, dc_ptr, act_ptr, c_prev_ptr, c_next_ptr, y_ptr, s_ptr, iz_ptr, gamma_ptr,
                       beta_ptr, da_ptr, dx_ptr, u_ptr, v_ptr, B, H, rows_per_program, beta_b, clamp_value,
-                      NORM: tl.constexpr, ECM: tl.constexpr, AFFINE: tl.constexpr, TRAINING: tl.constexpr,
-                      HAS_DOUT: tl.constexpr, BLOCK_H: tl.constexpr, RELU: tl.constexpr):
+                      v_decay_min, NORM: tl.constexpr, ECM: tl.constexpr, AFFINE: tl.constexpr,
+                      TRAINING: tl.constexpr, HAS_DOUT: tl.constexpr, BLOCK_H: tl.constexpr, RELU: tl.constexpr):
     """Backward of rnn_forward_step; dc_*, c_* unused."""
     j = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = j < H
@@ -297,7 +299,7 @@ def rnn_backward_step(dh_ptr, d_out_ptr, dc_ptr, act_ptr, c_prev_ptr, c_next_ptr
         else:
             dz = dh * (1.0 - h * h)
         dx, u, v = _gate_backward(dz, u, v, y_ptr + row, s_ptr + row, iz_ptr + b, gamma_ptr, beta_ptr, da_ptr + row, j,
-                                  mask, H, beta_b, clamp_value, NORM, ECM, AFFINE, TRAINING)
+                                  mask, H, beta_b, clamp_value, v_decay_min, NORM, ECM, AFFINE, TRAINING)
         tl.store(dx_ptr + row + j, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     _store_state(u_ptr, 0, j, mask, u, CONTROL)
     _store_state(v_ptr, 0, j, mask, v, CONTROL)
@@ -340,7 +342,7 @@ class TritonStep:
         self._backward = (lstm_backward_step if lstm else rnn_backward_step)[geo.grid]
         self.sizes = (batch, spec.hidden_size, geo.rows_per_program)
         self.forward_scalars = (c.alpha_fwd, c.eps, c.ls_eps, c.clamp_value)
-        self.backward_scalars = (1.0 - c.alpha_bkw, c.clamp_value)
+        self.backward_scalars = (1.0 - c.alpha_bkw, c.clamp_value, decay_floor(c))
         self.constants = dict(NORM=NORM_CODES[spec.norm], ECM=ECM_CODES[c.ecm],
                               AFFINE=spec.norm is not None and c.affine, TRAINING=spec.training,
                               BLOCK_H=geo.block_h, num_warps=geo.num_warps)
