@@ -102,3 +102,17 @@ def test_sigint_saves_and_resume_matches_uninterrupted(tmp_path):
     assert a["history"][-1]["epoch"] == 6
     for key in ("steps", "best_valid_ppl", "final_valid_ppl", "test_ppl"):
         assert a[key] == b[key], key
+
+
+def test_paper_lstm_online_preset_trains_as_written_and_diverges_without_the_floor(tmp_path, capsys):
+    """The paper's setting (lr 6.5, no clipping) with the reference's v-decay floor; --v-decay-min none diverges."""
+    common = ["train", "--preset", "paper-lstm-online", "--data", str(ptb_dir()), "--max-steps", "40", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "floor")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["status"] == "finished" and summary["steps"] == 40
+    start = math.log(10_000)  # the loss of a uniform guess, where an initialized model starts
+    history = json.loads((tmp_path / "floor" / "summary.json").read_text())["history"]
+    assert history[-1]["train_loss"] < start - 0.5 and history[-1]["valid_loss"] < start - 1.5
+    assert math.isfinite(summary["test_ppl"])
+    assert main([*common, "--out", str(tmp_path / "none"), "--v-decay-min", "none"]) == 2
+    assert "diverged" in capsys.readouterr().err

@@ -220,3 +220,21 @@ def test_compare_grid_writes_table_and_resumes(corpus_dir, tmp_path, monkeypatch
     compare.run_grid(tmp_path / "cmp", data=str(corpus_dir), cells=("lstm",), norms=("none",), seeds=(0,),
                      max_steps=3, progress=False, epochs=1)
     assert calls == []  # finished runs are not trained again
+
+
+def test_v_decay_min_is_stored_and_older_checkpoints_get_the_default(corpus_dir, tmp_path):
+    cfg = small_config(corpus_dir, tmp_path / "run", max_steps=3)
+    train(cfg, progress=False)
+    last = tmp_path / "run" / "last.pt"
+    ckpt = load_checkpoint(last)
+    assert ckpt["model_config"]["v_decay_min"] == 1e-5
+    del ckpt["model_config"]["v_decay_min"]  # as written before the field existed
+    torch.save(ckpt, last)
+    model, _, _ = load_model(last)
+    assert model.rnn.norm_l0.v_decay_min == 1e-5
+    assert train(replace(cfg, max_steps=5), resume=True, progress=False)["steps"] == 5
+    with pytest.raises(CheckpointError, match="v_decay_min=1e-05 in the checkpoint vs None"):
+        Trainer(replace(cfg, v_decay_min=None), resume=True)
+    unfloored = small_config(corpus_dir, tmp_path / "none", max_steps=2, v_decay_min=None)
+    train(unfloored, progress=False)
+    assert load_model(tmp_path / "none" / "best.pt")[0].rnn.norm_l0.v_decay_min is None
