@@ -2,19 +2,22 @@
 
 Each run trains into ``OUT/<preset>-seed<S>/`` with ``resume=True``, so an
 interrupted grid continues where it stopped when the same command is run
-again.  Writes ``results.json``, ``results.md`` (median/min/max valid and test
-perplexity per configuration, with the paper's figure) and, when matplotlib
-is installed, ``valid_ppl.png`` (validation perplexity against training step).
+again; a run that finished with the same settings is read from its
+summary.json, not trained or evaluated again.  Writes ``results.json``,
+``results.md`` (median/min/max valid and test perplexity per configuration,
+the paper's per-batch measure beside it, epoch time, and the paper's figure)
+and, when matplotlib is installed, ``valid_ppl.png`` (validation perplexity
+after each epoch, one line per run; diverged runs marked).
 """
 from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from .presets import PRESETS, preset_name
-from .train import TrainConfig, train
+from .train import TrainConfig, TrainingDiverged, train
 
 
 def run_grid(out, data=None, cells=("lstm", "rnn"), norms=("online", "layer", "none"), seeds=(0,), epochs=None,
@@ -47,14 +50,19 @@ def run_grid(out, data=None, cells=("lstm", "rnn"), norms=("online", "layer", "n
 
 
 def _train_or_diverge(cfg: TrainConfig, progress: bool) -> dict:
-    """Train (resuming); a divergence is recorded in ``diverged.json`` and not retried on a rerun."""
-    marker = Path(cfg.out) / "diverged.json"
+    """Train (resuming); a finished run with these settings is reused, a divergence is recorded in
+    ``diverged.json`` and not retried on a rerun."""
+    marker, done = Path(cfg.out) / "diverged.json", Path(cfg.out) / "summary.json"
     if marker.exists():
         return json.loads(marker.read_text())
+    if done.exists():
+        summary = json.loads(done.read_text())
+        if summary.get("status") == "finished" and summary.get("config") == json.loads(json.dumps(asdict(cfg))):
+            return summary
     try:
         return train(cfg, resume=True, progress=progress)
-    except FloatingPointError as e:
-        summary = {"status": "diverged", "error": str(e)}
+    except TrainingDiverged as e:
+        summary = {"status": "diverged", "error": str(e), "step": e.step}
         marker.write_text(json.dumps(summary) + "\n")
         return summary
 
@@ -65,13 +73,21 @@ def _stats(values: list[float]) -> dict | None:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
+def _best_record(run: dict) -> dict:
+    return next(h for h in run["history"] if h["step"] == run["best_step"])
+
+
 def summarize(runs: list[dict]) -> dict:
-    """Per preset: best-validation and test perplexity statistics over the finished seeds."""
+    """Per preset: best-validation and test perplexity statistics over the finished seeds, epoch time."""
     table = {}
     for name in dict.fromkeys(r["preset"] for r in runs):
         done = [r for r in runs if r["preset"] == name and r["status"] == "finished"]
         table[name] = {"valid": _stats([r["best_valid_ppl"] for r in done]),
+                       "valid_mean_batch_exp": _stats([_best_record(r)["valid_ppl_mean_batch_exp"] for r in done]),
                        "test": _stats([r["test_ppl"] for r in done]),
+                       "test_mean_batch_exp": _stats([r["test_ppl_mean_batch_exp"] for r in done]),
+                       "epoch_seconds": _stats([h["time_s"] for r in done for h in r["history"]
+                                                if h["event"] == "epoch"]),
                        "diverged": sum(r["preset"] == name and r["status"] == "diverged" for r in runs),
                        "steps": sorted({r["steps"] for r in done}),
                        "paper_valid": dict(zip(("median", "min", "max"), PRESETS[name].paper_valid_ppl))}
@@ -82,17 +98,27 @@ def _fmt(s: dict | None) -> str:
     return "—" if s is None else f"{s['median']:.1f} ({s['min']:.1f}–{s['max']:.1f})"
 
 
+def _median(s: dict | None, digits: int = 1) -> str:
+    return "—" if s is None else f"{s['median']:.{digits}f}"
+
+
 def markdown_table(table: dict) -> str:
-    lines = ["| configuration | runs | steps | valid ppl median (min–max) | test ppl median (min–max) | "
-             "paper valid ppl (25 epochs LSTM / 40 RNN) |", "|---|---|---|---|---|---|"]
+    lines = ["| configuration | runs | steps | valid ppl median (min–max) | valid, per-batch | "
+             "test ppl median (min–max) | test, per-batch | epoch time (s) | paper valid ppl¹ |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, row in table.items():
         n = row["valid"]["n"] if row["valid"] else 0
         runs = f"{n}" + (f" (+{row['diverged']} diverged)" if row["diverged"] else "")
         steps = ", ".join(str(s) for s in row["steps"])
-        lines.append(f"| {name} | {runs} | {steps} | {_fmt(row['valid'])} | {_fmt(row['test'])} | "
-                     f"{_fmt(row['paper_valid'])} |")
-    return "\n".join(lines) + "\n\nPerplexity is exp(total NLL / total tokens); the paper's is a mean of per-batch " \
-                              "exp(loss), which reads higher.\n"
+        lines.append(f"| {name} | {runs} | {steps} | {_fmt(row['valid'])} | {_median(row['valid_mean_batch_exp'])} | "
+                     f"{_fmt(row['test'])} | {_median(row['test_mean_batch_exp'])} | "
+                     f"{_median(row['epoch_seconds'], 0)} | {_fmt(row['paper_valid'])} |")
+    return "\n".join(lines) + (
+        "\n\nPerplexity is the corpus figure exp(total NLL / total tokens) of the best-validation epoch; "
+        "'per-batch' is the paper's measure, the mean of per-batch exp(loss), which reads higher (medians). "
+        "Epoch time: median training seconds per epoch, evaluation excluded.\n"
+        "¹ The paper's median and (min–max) validation perplexity over 25 runs of 25 (LSTM) or 40 (RNN) epochs on "
+        "a GPU; a max in the thousands means some of its runs diverged or failed to train.\n")
 
 
 def plot_validation(runs: list[dict], path: Path) -> bool:
@@ -104,15 +130,19 @@ def plot_validation(runs: list[dict], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = {name: f"C{k}" for k, name in enumerate(dict.fromkeys(r["preset"] for r in runs))}
     for r in runs:
-        if r["status"] != "finished":
+        label, color = f"{r['preset']} seed {r['seed']}", colors[r["preset"]]
+        if r["status"] == "diverged":
+            ax.axvline(r.get("step", 0), color=color, linestyle=":", label=f"{label}: diverged at step {r.get('step')}")
             continue
         hist = r["history"]
-        ax.plot([h["step"] for h in hist], [h["valid_ppl"] for h in hist], marker="o",
-                label=f"{r['preset']} seed {r['seed']}")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("validation perplexity")
+        ax.plot([h["step"] for h in hist], [h["valid_ppl"] for h in hist], marker="o", color=color, label=label,
+                alpha=0.8)
+    ax.set_title("PTB validation perplexity per epoch (paper presets)")
+    ax.set_xlabel("training step (optimizer updates)")
+    ax.set_ylabel("validation perplexity (corpus, log scale)")
     ax.set_yscale("log")
     ax.legend(fontsize=7)
     fig.tight_layout()

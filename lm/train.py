@@ -33,6 +33,14 @@ from .evaluate import evaluate, safe_exp
 from .model import ModelConfig, RNNLM, detach_hidden
 
 
+class TrainingDiverged(FloatingPointError):
+    """The training loss became non-finite at optimizer step ``step`` (1-based)."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
 @dataclass
 class TrainConfig:
     """All settings of a training run (the CLI flags of ``seqnorm-lm train``)."""
@@ -215,8 +223,8 @@ class Trainer:
         if value != value or value == float("inf"):
             last = self.out / "last.pt"
             saved = f"the last saved state is {last}" if last.exists() else "no checkpoint was saved yet"
-            raise FloatingPointError(f"training diverged: loss is {value} at step {self.step + 1} (epoch "
-                                     f"{self.epoch + 1}); {saved}. A smaller --lr or --clip may help")
+            raise TrainingDiverged(f"training diverged: loss is {value} at step {self.step + 1} (epoch "
+                                   f"{self.epoch + 1}); {saved}. A smaller --lr or --clip may help", self.step + 1)
         return value
 
     def _run_epoch(self, stop: dict, should_stop) -> bool:

@@ -157,8 +157,20 @@ def test_checkpoint_errors(corpus_dir, tmp_path):
 
 
 def test_divergence_is_a_clear_error(corpus_dir, tmp_path):
-    with pytest.raises(FloatingPointError, match="diverged"):
+    with pytest.raises(FloatingPointError, match="diverged") as info:
         train(small_config(corpus_dir, tmp_path / "run", norm="none", lr=1e30, max_steps=20), progress=False)
+    assert f"at step {info.value.step} " in str(info.value) and 1 <= info.value.step <= 20
+
+
+def test_compare_records_and_marks_a_diverged_run(corpus_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(PRESETS, "paper-rnn-layer", replace(PRESETS["paper-rnn-layer"], lr=1e30))
+    results = compare.run_grid(tmp_path / "cmp", data=str(corpus_dir), cells=("rnn",), norms=("layer",), seeds=(0,),
+                               max_steps=20, progress=False, epochs=1)
+    (run,) = results["runs"]
+    assert run["status"] == "diverged" and f"at step {run['step']} " in run["error"]
+    assert results["table"]["paper-rnn-layer"]["diverged"] == 1
+    assert "| paper-rnn-layer | 0 (+1 diverged) |" in (tmp_path / "cmp" / "results.md").read_text()
+    assert (tmp_path / "cmp" / "valid_ppl.png").exists()
 
 
 def test_load_model_and_generate(corpus_dir, tmp_path):
@@ -212,14 +224,22 @@ def test_compare_grid_writes_table_and_resumes(corpus_dir, tmp_path, monkeypatch
             assert row["valid"]["min"] == finished[0] and row["valid"]["max"] == finished[-1]
         assert row["valid"] is None or row["valid"]["n"] + row["diverged"] == 2
     md = (tmp_path / "cmp" / "results.md").read_text()
-    assert "paper-lstm-online" in md and "113.4" in md
+    assert "paper-lstm-online" in md and "113.4" in md and "per-batch" in md
+    for name, row in table.items():
+        runs = [r for r in results["runs"] if r["preset"] == name and r["status"] == "finished"]
+        if runs:  # the paper's per-batch figure is never below the corpus figure (Jensen)
+            assert row["valid_mean_batch_exp"]["median"] >= row["valid"]["median"] * (1 - 1e-9)
+            epochs = [h["time_s"] for r in runs for h in r["history"] if h["event"] == "epoch"]
+            assert row["epoch_seconds"]["n"] == len(epochs) and row["epoch_seconds"]["max"] == max(epochs)
     assert json.loads((tmp_path / "cmp" / "results.json").read_text())["table"] == json.loads(json.dumps(table))
     assert (tmp_path / "cmp" / "valid_ppl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # matplotlib is in [dev]
     calls = []
-    monkeypatch.setattr(Trainer, "_train_step", lambda self, x, y: calls.append(1) or 0.0)
-    compare.run_grid(tmp_path / "cmp", data=str(corpus_dir), cells=("lstm",), norms=("none",), seeds=(0,),
-                     max_steps=3, progress=False, epochs=1)
-    assert calls == []  # finished runs are not trained again
+    monkeypatch.setattr(Trainer, "__init__", lambda self, *a, **k: calls.append(1))
+    again = compare.run_grid(tmp_path / "cmp", data=str(corpus_dir), cells=("lstm",), norms=("none",), seeds=(0,),
+                             max_steps=3, progress=False, epochs=1)
+    assert calls == []  # finished runs are neither trained nor evaluated again
+    assert again["runs"][0]["test_ppl"] == next(r for r in results["runs"] if r["preset"] == "paper-lstm-none"
+                                                and r["seed"] == 0)["test_ppl"]
 
 
 def test_v_decay_min_is_stored_and_older_checkpoints_get_the_default(corpus_dir, tmp_path):
