@@ -14,6 +14,7 @@ one matmul, the recurrence and a hand-written backward): ``RecurrenceFunction``
 per step), chosen by ``backend=`` (see ``seqnorm.backend``).
 """
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -143,7 +144,17 @@ class _RecurrentLayers(nn.Module):
             x, h, c = recurrence(spec, state, xproj, h0[k], None if c0 is None else c0[k], w_hh, gamma, beta)
             h_n.append(h)
             c_n.append(c)
+            self._warn_if_skipped(x, k)
         return x, h_n, c_n
+
+    def _warn_if_skipped(self, out, k):
+        """Once per layer module, in training on CPU (a free check there): non-finite samples were skipped."""
+        if (self.training and self.norm_type == "online" and out.device.type == "cpu"
+                and not getattr(self, "_warned_nonfinite", False) and not bool(torch.isfinite(out).all())):
+            self._warned_nonfinite = True
+            warnings.warn(f"{type(self).__name__} layer {k}: non-finite values in the input or state; their "
+                          "samples' outputs are non-finite and their updates of the Online Normalization statistics "
+                          "were skipped (the statistics stay finite)", RuntimeWarning, stacklevel=4)
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, norm={self.norm_type!r}"

@@ -9,7 +9,14 @@ gradient orthogonal to y and to the constant vector.
 Two implementations of the per-row recurrences, which must agree:
 ``"loop"`` is a plain loop over rows written from the equations (the readable
 reference); ``"scan"`` (the default) runs the same recurrences as scans over
-rows (``seqnorm.scan``).  ``OnlineNormState`` holds the four float32 running
+rows (``seqnorm.scan``).
+
+Non-finite samples: per feature, an update whose result is not finite leaves
+that feature's state as it was (mu and var together in the forward, u and v
+together in the backward), so a NaN or inf sample makes its own outputs and
+gradients non-finite but never enters the running state.  The loop does this
+row by row; a scan cannot skip a row, so when its final state is not finite
+the call is redone by the loop (one finiteness check per call).  ``OnlineNormState`` holds the four float32 running
 quantities, so one state can be shared by many calls, e.g. by every time
 step of a recurrent layer.
 """
@@ -51,6 +58,18 @@ class OnlineNormState:
 # --- reference: a loop over rows, written from the equations -----------------
 
 
+def _keep_finite(new: tuple, old: tuple) -> tuple:
+    """Per feature: the new values where all of them are finite, else the old ones."""
+    ok = torch.isfinite(new[0])
+    for t in new[1:]:
+        ok &= torch.isfinite(t)
+    return tuple(torch.where(ok, n, o) for n, o in zip(new, old))
+
+
+def all_finite(*tensors: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 def _forward_loop(x, state, alpha, eps):
     """x: (N, C, L). Returns y (N, C, L) and s (N, C), the scale each row used."""
     mu, var = state.mu.to(x.dtype), state.var.to(x.dtype)
@@ -60,8 +79,9 @@ def _forward_loop(x, state, alpha, eps):
         ys.append((row - mu[:, None]) / s[:, None])  # eq. 8a
         ss.append(s)
         d = row.mean(-1) - mu
-        var = alpha * var + (1 - alpha) * row.var(-1, unbiased=False) + alpha * (1 - alpha) * d**2  # eq. 8c
-        mu = mu + (1 - alpha) * d  # eq. 8b
+        new_var = alpha * var + (1 - alpha) * row.var(-1, unbiased=False) + alpha * (1 - alpha) * d**2  # eq. 8c
+        new_mu = mu + (1 - alpha) * d  # eq. 8b
+        mu, var = _keep_finite((new_mu, new_var), (mu, var))
     state.mu.copy_(mu)
     state.var.copy_(var)
     return torch.stack(ys), torch.stack(ss)
@@ -77,9 +97,10 @@ def _backward_loop(g, y, s, state, alpha_bkw, v_decay_min):
         decay = 1 - beta * (y_n * y_n).mean(-1)  # eq. 11b: v + mean(gt y) = decay v + mean(g y) ...
         if v_decay_min is not None:
             decay = decay.clamp_min(v_decay_min)  # ... with the reference's floor on the decay
-        v = decay * v + (g_n * y_n).mean(-1)
+        new_v = decay * v + (g_n * y_n).mean(-1)
         dx = gt / s_n[:, None] - beta * u[:, None]  # eq. 12a
-        u = u + dx.mean(-1)  # eq. 12b
+        new_u = u + dx.mean(-1)  # eq. 12b
+        u, v = _keep_finite((new_u, new_v), (u, v))
         out.append(dx)
     state.u.copy_(u)
     state.v.copy_(v)
@@ -97,6 +118,8 @@ def _forward_scan(x, state, alpha, eps):
     if x.shape[-1] > 1:
         var_in = var_in + (1 - alpha) * x.var(-1, unbiased=False)
     var_all = scan.const_scan(state.var.to(x.dtype), var_in, alpha)  # eq. 8c
+    if not all_finite(mu_all[-1], var_all[-1]):  # a non-finite sample: skip its update, row by row
+        return _forward_loop(x, state, alpha, eps)
     s = torch.sqrt(var_all[:-1] + eps)
     y = (x - mu_all[:-1, :, None]) / s[..., None]  # eq. 8a
     state.mu.copy_(mu_all[-1])
@@ -115,6 +138,8 @@ def _backward_scan(g, y, s, state, alpha_bkw, v_decay_min):
     gt = g - beta * v_all[:-1, :, None] * y  # eq. 11a
     # eq. 12: u[n+1] = u[n] + mean(x') = alpha_bkw u[n] + mean(gt)/s
     u_all = scan.const_scan(state.u.to(g.dtype), gt.mean(-1) / s, alpha_bkw)
+    if not all_finite(u_all[-1], v_all[-1]):
+        return _backward_loop(g, y, s, state, alpha_bkw, v_decay_min)
     dx = gt / s[..., None] - beta * u_all[:-1, :, None]  # eq. 12a
     state.u.copy_(u_all[-1])
     state.v.copy_(v_all[-1])

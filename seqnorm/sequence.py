@@ -14,6 +14,13 @@ for online, the ECM included) and a cell step (``_LSTMStep``, ``_RNNStep``).
 On CPU the cost is the number of small ops per time step, so the steps write
 into preallocated buffers (``out=``), and everything that depends only on
 saved forward values is computed for all T at once when the backward starts.
+
+Non-finite samples (DESIGN-level rule, as in ``online_norm``): an update of a
+feature's state whose result is not finite is skipped.  The fast online step
+scans a step's rows with small matmuls, where one NaN row spoils every row,
+so when the state at the end of the forward (or backward) is not finite, the
+pass is run again with ``safe=True``: the same equations one row at a time,
+skipping such updates.
 """
 from dataclasses import dataclass
 
@@ -21,6 +28,7 @@ import torch
 
 from . import scan
 from .norms import OnlineNormConfig
+from .online_norm import all_finite
 
 
 @dataclass(frozen=True)
@@ -84,9 +92,9 @@ class _OnlineStep:
     matmul writes the pre-activation straight into place.
     """
 
-    def __init__(self, spec, state, gamma, beta, T, B, dtype, device):
+    def __init__(self, spec, state, gamma, beta, T, B, dtype, device, safe=False):
         c = self.cfg = spec.config
-        self.state, self.H, self.training, self.G = state, spec.hidden_size, spec.training, spec.gates
+        self.state, self.H, self.training, self.G, self.safe_rows = state, spec.hidden_size, spec.training, spec.gates, safe
         C = spec.gates * spec.hidden_size
         new = lambda *shape: torch.empty(*shape, dtype=dtype, device=device)  # noqa: E731
         self.y_all = new(T, B, C)
@@ -119,7 +127,9 @@ class _OnlineStep:
 
     def forward(self, t):
         c, pre, y = self.cfg, self.x_rows, self.y_steps[t]
-        if self.training:
+        if self.training and self.safe_rows:
+            self._forward_rows(t)
+        elif self.training:
             torch.mm(self.m_mu, self.x_block, out=self.mu_all)  # mean before each row (eq. 8b)
             d = torch.sub(pre, self.mu_before, out=self.d)
             torch.mul(d, d, out=self.d2_rows)
@@ -141,13 +151,29 @@ class _OnlineStep:
             return a.clamp(-c.clamp_value, c.clamp_value)
         return a
 
+    def _forward_rows(self, t):
+        """Eq. 8 one row at a time; an update whose result is not finite is skipped (per feature)."""
+        a, eps, mu, var = self.cfg.alpha_fwd, self.cfg.eps, self.mu_first, self.var_first
+        rstd, y = self.rstd_steps[t], self.y_steps[t]
+        for b, x in enumerate(self.x_rows):
+            torch.add(var, eps, out=rstd[b]).rsqrt_()
+            d = x - mu
+            torch.mul(d, rstd[b], out=y[b])
+            new_mu, new_var = mu + (1 - a) * d, a * var + a * (1 - a) * d * d
+            ok = torch.isfinite(new_mu) & torch.isfinite(new_var)
+            mu.copy_(torch.where(ok, new_mu, mu))
+            var.copy_(torch.where(ok, new_var, var))
+
+    def state_finite(self) -> bool:
+        return not self.training or all_finite(self.x_block[0], self.v_block[0])
+
     def finish_forward(self):
         if self.training:
             self.state.mu.copy_(self.x_block[0])
             self.state.var.copy_(self.v_block[0])
 
-    def start_backward(self, B):
-        c = self.cfg
+    def start_backward(self, B, safe=False):
+        c, self.safe_control = self.cfg, safe
         if c.ecm == "ls":  # z and z / zeta for eq. 10, all steps at once
             a = self.affine.forward(self.y_all).view(self.y_all.shape[:2] + (self.G, self.H))
             iz = self.inv_zeta.unsqueeze(-1)
@@ -192,6 +218,8 @@ class _OnlineStep:
 
     def _control(self, g, t, out):
         """Eqs. 11-12 over the rows of step t, in row order; writes dL/dx to ``out``."""
+        if self.safe_control:
+            return self._control_rows(g, t, out)
         beta, y = 1 - self.cfg.alpha_bkw, self.y_steps[t]
         prod = self.prod_steps[t] if self.safe[t] else None
         scan.var_scan(self.v_first, self.coef_steps[t], torch.mul(g, y, out=self.tmp), prod, out=self.v_block_b)
@@ -203,6 +231,24 @@ class _OnlineStep:
         self.v_first.copy_(self.v_last)
         return out
 
+    def _control_rows(self, g, t, out):
+        """Eqs. 11-12 one row at a time; an update whose result is not finite is skipped (per feature)."""
+        c, y, rstd, u, v = self.cfg, self.y_steps[t], self.rstd_steps[t], self.u_first, self.v_first
+        beta = 1 - c.alpha_bkw
+        for b in range(g.shape[0]):
+            decay = 1 - beta * y[b] * y[b]
+            if c.v_decay_min is not None:
+                decay = decay.clamp_min(c.v_decay_min)
+            torch.mul(g[b] - beta * v * y[b], rstd[b], out=out[b]).sub_(u, alpha=beta)  # eqs. 11a, 12a
+            new_v, new_u = decay * v + g[b] * y[b], u + out[b]  # eqs. 11b, 12b
+            ok = torch.isfinite(new_u) & torch.isfinite(new_v)
+            u.copy_(torch.where(ok, new_u, u))
+            v.copy_(torch.where(ok, new_v, v))
+        return out
+
+    def control_finite(self) -> bool:
+        return not self.training or all_finite(self.u_block[0], self.v_block_b[0])
+
     def finish_backward(self):
         if self.training:
             self.state.u.copy_(self.u_block[0])
@@ -212,10 +258,20 @@ class _OnlineStep:
         return self.affine.param_grads()
 
 
-class _LayerStep:
+class _Unguarded:
+    """Normalizers without running state: nothing to guard, never a second pass."""
+
+    def state_finite(self) -> bool:
+        return True
+
+    def control_finite(self) -> bool:
+        return True
+
+
+class _LayerStep(_Unguarded):
     """Layer norm of each sample over each gate's H features, then affine."""
 
-    def __init__(self, spec, state, gamma, beta, T, B, dtype, device):
+    def __init__(self, spec, state, gamma, beta, T, B, dtype, device, safe=False):
         self.H, self.eps = spec.hidden_size, spec.config.eps
         self.pre_all = torch.empty(T, B, spec.gates * self.H, dtype=dtype, device=device)
         self.pre_steps = _steps(self.pre_all)
@@ -237,7 +293,7 @@ class _LayerStep:
     def finish_forward(self):
         pass
 
-    def start_backward(self, B):
+    def start_backward(self, B, safe=False):
         pass
 
     def backward(self, dz, t, out):
@@ -254,8 +310,8 @@ class _LayerStep:
         return self.affine.param_grads()
 
 
-class _NoNorm:
-    def __init__(self, spec, state, gamma, beta, T, B, dtype, device):
+class _NoNorm(_Unguarded):
+    def __init__(self, spec, state, gamma, beta, T, B, dtype, device, safe=False):
         self.pre = torch.empty(B, spec.gates * spec.hidden_size, dtype=dtype, device=device)
 
     def pre_buffer(self, t):
@@ -273,7 +329,7 @@ class _NoNorm:
     def finish_forward(self):
         pass
 
-    def start_backward(self, B):
+    def start_backward(self, B, safe=False):
         pass
 
     def finish_backward(self):
@@ -364,26 +420,51 @@ class _RNNStep:
         return None
 
 
+def _forward_pass(spec, state, xp, h0, c0, w, g, b, safe):
+    """All T steps; returns the normalizer and cell steps (holding what the backward needs) and h (T+1, B, H)."""
+    T, B, _ = xp.shape
+    dtype, device = xp.dtype, xp.device
+    norm = NORM_STEPS[spec.norm](spec, state, g, b, T, B, dtype, device, safe)
+    if spec.cell == "lstm":
+        cell = _LSTMStep(spec.hidden_size, T, B, dtype, device, c0.to(dtype))
+    else:
+        cell = _RNNStep(spec.hidden_size, T, B, dtype, device, spec.nonlinearity)
+    h_all = torch.empty(T + 1, B, spec.hidden_size, dtype=dtype, device=device)
+    h_all[0] = h0
+    h_steps, xp_steps, w_t = _steps(h_all), _steps(xp), w.t()
+    for t in range(T):
+        torch.addmm(xp_steps[t], h_steps[t], w_t, out=norm.pre_buffer(t))
+        cell.forward(norm.forward(t), t, h_steps[t + 1])
+    return norm, cell, h_all
+
+
+def _backward_pass(norm, cell, w, d_out_steps, d_hn, d_cn, T, B, H, dtype, device, safe):
+    """Steps T-1..0; returns dL/dpre (T, B, G*H) and dL/dh0."""
+    dh = torch.zeros(B, H, dtype=dtype, device=device) if d_hn is None else d_hn.to(dtype).clone()
+    dc = torch.zeros_like(dh) if d_cn is None else d_cn.to(dtype)
+    norm.start_backward(B, safe)
+    cell.start_backward(dc)
+    d_pre = torch.empty(T, B, w.shape[0], dtype=dtype, device=device)
+    d_pre_steps = _steps(d_pre)
+    for t in range(T - 1, -1, -1):
+        if d_out_steps is not None:
+            dh.add_(d_out_steps[t])
+        norm.backward(cell.backward(dh, t), t, d_pre_steps[t])
+        torch.mm(d_pre_steps[t], w, out=dh)
+    return d_pre, dh
+
+
 class RecurrenceFunction(torch.autograd.Function):
     """(spec, state, xproj (T,B,G*H), h0 (B,H), c0 (B,H) or None, w_hh, gamma, beta) -> out, h_T, c_T."""
 
     @staticmethod
     def forward(ctx, spec, state, xproj, h0, c0, w_hh, gamma, beta):
-        T, B, _ = xproj.shape
-        dtype, device = torch.promote_types(xproj.dtype, torch.float32), xproj.device
+        dtype = torch.promote_types(xproj.dtype, torch.float32)
         xp, w = xproj.to(dtype), w_hh.to(dtype)
         g, b = (None, None) if gamma is None else (gamma.to(dtype), beta.to(dtype))
-        norm = NORM_STEPS[spec.norm](spec, state, g, b, T, B, dtype, device)
-        if spec.cell == "lstm":
-            cell = _LSTMStep(spec.hidden_size, T, B, dtype, device, c0.to(dtype))
-        else:
-            cell = _RNNStep(spec.hidden_size, T, B, dtype, device, spec.nonlinearity)
-        h_all = torch.empty(T + 1, B, spec.hidden_size, dtype=dtype, device=device)
-        h_all[0] = h0
-        h_steps, xp_steps, w_t = _steps(h_all), _steps(xp), w.t()
-        for t in range(T):
-            torch.addmm(xp_steps[t], h_steps[t], w_t, out=norm.pre_buffer(t))
-            cell.forward(norm.forward(t), t, h_steps[t + 1])
+        norm, cell, h_all = _forward_pass(spec, state, xp, h0, c0, w, g, b, safe=False)
+        if not norm.state_finite():  # a non-finite sample: again, row by row, skipping its updates
+            norm, cell, h_all = _forward_pass(spec, state, xp, h0, c0, w, g, b, safe=True)
         norm.finish_forward()
         ctx.spec, ctx.norm, ctx.cell, ctx.w = spec, norm, cell, w
         ctx.dtypes = (xproj.dtype, h0.dtype, None if c0 is None else c0.dtype, w_hh.dtype, None if gamma is None else gamma.dtype)
@@ -396,19 +477,11 @@ class RecurrenceFunction(torch.autograd.Function):
         (h_all,) = ctx.saved_tensors
         norm, cell, w = ctx.norm, ctx.cell, ctx.w
         T, B, H = h_all.shape[0] - 1, h_all.shape[1], h_all.shape[2]
-        dtype, device = h_all.dtype, h_all.device
-        dh = torch.zeros(B, H, dtype=dtype, device=device) if d_hn is None else d_hn.to(dtype).clone()
-        dc = torch.zeros_like(dh) if d_cn is None else d_cn.to(dtype)
-        d_out_steps = None if d_out is None else _steps(d_out.to(dtype))
-        norm.start_backward(B)
-        cell.start_backward(dc)
-        d_pre = torch.empty(T, B, w.shape[0], dtype=dtype, device=device)
-        d_pre_steps = _steps(d_pre)
-        for t in range(T - 1, -1, -1):
-            if d_out_steps is not None:
-                dh.add_(d_out_steps[t])
-            norm.backward(cell.backward(dh, t), t, d_pre_steps[t])
-            torch.mm(d_pre_steps[t], w, out=dh)
+        args = (norm, cell, w, None if d_out is None else _steps(d_out.to(h_all.dtype)), d_hn, d_cn, T, B, H,
+                h_all.dtype, h_all.device)
+        d_pre, dh = _backward_pass(*args, safe=False)
+        if not norm.control_finite():
+            d_pre, dh = _backward_pass(*args, safe=True)
         norm.finish_backward()
         d_w = torch.mm(d_pre.view(T * B, -1).t(), h_all[:-1].reshape(T * B, H))
         d_gamma, d_beta = norm.param_grads()

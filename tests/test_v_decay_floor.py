@@ -2,8 +2,8 @@
 
     v <- max(1 - (1 - alpha_bkw) * y**2, v_decay_min) * v + g * y      (None: no floor)
 
-Each path is held to a float64 per-row loop (tests/reference.py and the
-per-step layer loop below) on inputs where the floor binds in many rows:
+Each path is held to the float64 per-row loops of tests/reference.py (for the
+layers, its per-step ``layer_loop``) on inputs where the floor binds in many rows:
 |y| well above 1/sqrt(1 - alpha_bkw) = 5.66 for alpha_bkw = 1 - 2**-5.
 """
 import copy
@@ -93,46 +93,7 @@ def test_config_fields_as_keywords_reach_the_normalizer():
 # --- layers: every backend against a float64 per-step loop ----------------------------------------
 
 
-class _ReferenceOnlineNorm(torch.autograd.Function):
-    """One step's rows through tests/reference.py; ``st`` holds mu, var, u, v across steps and calls."""
-
-    @staticmethod
-    def forward(ctx, x, st, v_decay_min):
-        y, s, st["mu"], st["var"] = reference.on_forward(x[..., None], st["mu"], st["var"], ALPHA_FWD, 1e-5)
-        ctx.save_for_backward(y, s)
-        ctx.st, ctx.v_decay_min = st, v_decay_min
-        st["y"].append(y)
-        return y[..., 0]
-
-    @staticmethod
-    def backward(ctx, g):
-        y, s = ctx.saved_tensors
-        st = ctx.st
-        dx, st["u"], st["v"] = reference.on_backward(g[..., None], y, s, st["u"], st["v"], ALPHA_BKW, ctx.v_decay_min)
-        return dx[..., 0], None, None
-
-
-def reference_layer(layer, x, hx, st, v_decay_min):
-    """DESIGN §3 one step at a time in float64: norm(W_ih x + b_ih + W_hh h + b_hh), affine, ls per gate, cell."""
-    p = {n: q for n, q in layer.named_parameters()}
-    H, lstm = layer.hidden_size, layer.cell == "lstm"
-    h, c = hx[0][0], hx[1][0] if lstm else None
-    outs = []
-    for x_t in x:
-        pre = x_t @ p["weight_ih_l0"].T + p["bias_ih_l0"] + h @ p["weight_hh_l0"].T + p["bias_hh_l0"]
-        y = _ReferenceOnlineNorm.apply(pre, st, v_decay_min)
-        z = reference.affine_ecm(y, p["norm_l0.weight"], p["norm_l0.bias"], "ls", H)
-        if lstm:
-            i, f, g, o = z.chunk(4, 1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
-        else:
-            h = torch.tanh(z)
-        outs.append(h)
-    return torch.stack(outs), (h[None], c[None]) if lstm else (h[None],)
-
-
-def forward_backward(layer, x, hx, weights, st=None, v_decay_min=None):
+def forward_backward(layer, x, hx, weights, st=None):
     """Output, finals, every gradient and the ON state after the backward (reference when ``st`` is given)."""
     x = x.clone().requires_grad_()
     hx = tuple(h.clone().requires_grad_() for h in hx)
@@ -140,7 +101,7 @@ def forward_backward(layer, x, hx, weights, st=None, v_decay_min=None):
         out, finals = layer(x, hx if layer.cell == "lstm" else hx[0])
         finals = finals if layer.cell == "lstm" else (finals,)
     else:
-        out, finals = reference_layer(layer, x, hx, st, v_decay_min)
+        out, finals = reference.layer_loop(dict(layer.named_parameters()), layer.cell, layer.hidden_size, x, hx, st)
     loss = (out * weights).sum() + sum((f * (k + 1.5)).sin().sum() for k, f in enumerate(finals))
     layer.zero_grad()
     loss.backward()
@@ -178,11 +139,10 @@ def test_layer_matches_per_step_loop_where_the_floor_binds(cell, v_decay_min, ba
     x = torch.randn(T, B, I, dtype=F64)
     hx = tuple(torch.randn(1, B, H, dtype=F64) for _ in range(2 if cell == "lstm" else 1))
     weights = torch.randn(T, B, H, dtype=F64)
-    st = {"mu": torch.zeros(ref.gates * H, dtype=F64), "var": torch.ones(ref.gates * H, dtype=F64),
-          "u": torch.zeros(ref.gates * H, dtype=F64), "v": torch.zeros(ref.gates * H, dtype=F64), "y": []}
+    st = reference.online_state(ref.gates * H, ALPHA_FWD, ALPHA_BKW, v_decay_min)
     tol = dict(rtol=1e-9, atol=1e-9) if dtype == F64 else dict(rtol=2e-4, atol=2e-4)
     for call in range(2):  # the state carries over
-        want = forward_backward(ref, x, hx, weights, st, v_decay_min)
+        want = forward_backward(ref, x, hx, weights, st)
         got = forward_backward(layer, x.to(dtype), tuple(h.to(dtype) for h in hx), weights.to(dtype))
         assert want.keys() == got.keys()
         for key in want:

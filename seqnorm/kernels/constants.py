@@ -6,7 +6,7 @@ import torch
 
 NORM_CODES = {None: 0, "online": 1, "layer": 2}
 ECM_CODES = {"none": 0, "ls": 1, "ac": 2}
-NO_FLOOR = -torch.finfo(torch.float32).max  # finite: the C code is built with -ffast-math
+NO_FLOOR = -torch.finfo(torch.float32).max  # a finite stand-in for -inf
 
 
 def decay_floor(config) -> float:

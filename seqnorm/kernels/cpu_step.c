@@ -5,8 +5,10 @@
  *
  * Rows are processed in order 0..B-1, every feature of a row before the next
  * row; the Online Normalization state (mu, var forward; u, v backward) is
- * updated in place.  Each row is done in a few passes over its features so
- * that the compiler vectorizes the loops.  d_out (dL/d output of the step) is
+ * updated in place; an update whose result is not finite leaves that
+ * feature's state as it was (mu, var together; u, v together).  Each row is
+ * done in a few passes over its features so that the compiler vectorizes the
+ * loops.  d_out (dL/d output of the step) is
  * never NULL: a zero row stands for a missing one.
  */
 #include <math.h>
@@ -46,8 +48,11 @@ static void gate_forward(const Params *p, const float *x, float *mu, float *var,
             s[j] = sj;
             y[j] = d * sj;
             if (p->training) {
-                var[j] = a * var[j] + a * (1.0f - a) * d * d; /* eq. 8c */
-                mu[j] = mu[j] + (1.0f - a) * d;               /* eq. 8b */
+                float nv = a * var[j] + a * (1.0f - a) * d * d; /* eq. 8c */
+                float nm = mu[j] + (1.0f - a) * d;             /* eq. 8b */
+                int ok = isfinite(nv) && isfinite(nm);         /* a non-finite sample never enters the state */
+                var[j] = ok ? nv : var[j];
+                mu[j] = ok ? nm : mu[j];
             }
         }
     } else {
@@ -104,9 +109,12 @@ static void gate_backward(const Params *p, float *d, const float *y, const float
             if (p->training) {
                 float gt = d[j] - bb * v[j] * y[j];                   /* eq. 11a */
                 float decay = fmaxf(1.0f - bb * y[j] * y[j], floor_); /* eq. 11b, v + gt y, with the floor */
-                v[j] = decay * v[j] + d[j] * y[j];
-                float dx = gt * s[j] - bb * u[j];   /* eq. 12a */
-                u[j] += dx;                         /* eq. 12b */
+                float nv = decay * v[j] + d[j] * y[j];
+                float dx = gt * s[j] - bb * u[j]; /* eq. 12a */
+                float nu = u[j] + dx;             /* eq. 12b */
+                int ok = isfinite(nv) && isfinite(nu);
+                v[j] = ok ? nv : v[j];
+                u[j] = ok ? nu : u[j];
                 d[j] = dx;
             } else {
                 d[j] *= s[j];

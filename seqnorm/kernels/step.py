@@ -23,6 +23,9 @@ the carried dc: the cell backward gives dz; then
              dx = gt s - (1-ab) u;  u <- u + dx                 (eq. 12)
     layer:   dx = (dy - mean_H dy - y mean_H(dy y)) s
 
+An update whose result is not finite leaves that feature's state as it was (mu
+and var together, u and v together): a NaN or inf sample never enters the state.
+
 The statistics (mu, var) and control state (u, v) stay in float32 device memory:
 loaded before the row loop, carried in registers across rows, written back
 after it.  Online training needs the rows of a feature in order, so one program
@@ -56,6 +59,11 @@ def _tanh(x):
 
 
 @triton.jit
+def _finite(x):
+    return tl.abs(x) <= 3.4028234663852886e38  # False for inf and nan
+
+
+@triton.jit
 def _gate_forward(x, mu, var, gamma_ptr, beta_ptr, y_ptr, s_ptr, iz_ptr, j, mask, H, alpha, eps, ls_eps, clamp_value,
                   NORM: tl.constexpr, ECM: tl.constexpr, AFFINE: tl.constexpr, TRAINING: tl.constexpr):
     """One gate of one row: pre-activation x -> z.  Stores y, s (and iz); returns z and the new mu, var."""
@@ -66,8 +74,11 @@ def _gate_forward(x, mu, var, gamma_ptr, beta_ptr, y_ptr, s_ptr, iz_ptr, j, mask
             d = x - mu
             y = d * s
             if TRAINING:
-                var = alpha * var + alpha * (1.0 - alpha) * d * d  # eq. 8c
-                mu = mu + (1.0 - alpha) * d  # eq. 8b
+                new_var = alpha * var + alpha * (1.0 - alpha) * d * d  # eq. 8c
+                new_mu = mu + (1.0 - alpha) * d  # eq. 8b
+                ok = _finite(new_var) & _finite(new_mu)  # a non-finite sample never enters the state
+                var = tl.where(ok, new_var, var)
+                mu = tl.where(ok, new_mu, mu)
         else:
             xc = tl.where(mask, x - tl.sum(x, 0) / H, 0.0)
             s = tl.zeros_like(x) + 1.0 / tl.sqrt(tl.sum(xc * xc, 0) / H + eps)
@@ -113,9 +124,12 @@ def _gate_backward(dz, u, v, y_ptr, s_ptr, iz_ptr, gamma_ptr, beta_ptr, da_ptr, 
         if NORM == 1:
             if TRAINING:
                 gt = dy - beta_b * v * y  # eq. 11a
-                v = tl.maximum(1.0 - beta_b * y * y, v_decay_min) * v + dy * y  # eq. 11b with the floor
+                new_v = tl.maximum(1.0 - beta_b * y * y, v_decay_min) * v + dy * y  # eq. 11b with the floor
                 dx = gt * s - beta_b * u  # eq. 12a
-                u = u + dx  # eq. 12b
+                new_u = u + dx  # eq. 12b
+                ok = _finite(new_v) & _finite(new_u)
+                v = tl.where(ok, new_v, v)
+                u = tl.where(ok, new_u, u)
             else:
                 dx = dy * s
         else:
