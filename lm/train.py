@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import signal
@@ -197,6 +198,7 @@ class Trainer:
         self.sums, self.best, self.history = dict(t["sums"]), dict(t["best"]), list(t["history"])
 
     def save(self) -> None:
+        self._check_finite_state()
         save_checkpoint(self.out / "last.pt", self._payload(with_train=True))
         self._write_json_lines(self.out / "metrics.jsonl", self.history)
 
@@ -214,18 +216,29 @@ class Trainer:
         self.hidden = detach_hidden(self.hidden)
         logits, self.hidden = self.model(x, self.hidden)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+        value = loss.item()
+        if not math.isfinite(value):  # before the update: the weights stay as they were
+            raise self._diverged(f"loss is {value}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
         self.optimizer.step()
-        value = loss.item()
-        if value != value or value == float("inf"):
-            last = self.out / "last.pt"
-            saved = f"the last saved state is {last}" if last.exists() else "no checkpoint was saved yet"
-            raise TrainingDiverged(f"training diverged: loss is {value} at step {self.step + 1} (epoch "
-                                   f"{self.epoch + 1}); {saved}. A smaller --lr or --clip may help", self.step + 1)
         return value
+
+    def _diverged(self, what: str, step: int | None = None) -> "TrainingDiverged":
+        """The error for a non-finite loss at the coming step, or a non-finite state after ``step``."""
+        step = self.step + 1 if step is None else step
+        last = self.out / "last.pt"
+        kept = f"{last} was not overwritten" if last.exists() else "no checkpoint was written"
+        return TrainingDiverged(f"training diverged: {what} at step {step} (epoch {self.epoch + 1}); {kept}. "
+                                "A smaller --lr or --clip may help", step)
+
+    def _check_finite_state(self) -> None:
+        """Never write a checkpoint holding a non-finite weight or statistic."""
+        bad = [name for name, t in self.model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+        if bad:
+            raise self._diverged(f"non-finite values in {', '.join(bad[:3])}", step=self.step)
 
     def _run_epoch(self, stop: dict, should_stop) -> bool:
         """Train from ``self.pos`` to the end of the epoch; False when stopped early (limit or signal)."""
@@ -267,6 +280,7 @@ class Trainer:
                   "tokens_per_s": s["tokens"] / s["seconds"] if s["seconds"] else None}
         self.history.append(record)
         if self.best["valid_ppl"] is None or valid["perplexity"] < self.best["valid_ppl"]:
+            self._check_finite_state()
             self.best = {"valid_ppl": valid["perplexity"], "epoch": self.epoch + 1, "step": self.step}
             save_checkpoint(self.out / "best.pt", self._payload(with_train=False))
         return record

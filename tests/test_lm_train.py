@@ -162,6 +162,29 @@ def test_divergence_is_a_clear_error(corpus_dir, tmp_path):
     assert f"at step {info.value.step} " in str(info.value) and 1 <= info.value.step <= 20
 
 
+def test_a_diverged_run_never_writes_a_nonfinite_checkpoint(corpus_dir, tmp_path):
+    cfg = small_config(corpus_dir, tmp_path / "run", max_steps=3)
+    train(cfg, progress=False)
+    before = {name: (tmp_path / "run" / name).read_bytes() for name in ("last.pt", "best.pt")}
+
+    def poison(step):  # a non-finite statistic after the last step: validation and the save must not take it
+        if step == 6:
+            model.rnn.norm_l0.running_var[0] = float("nan")
+        return False
+
+    trainer = Trainer(replace(cfg, max_steps=6), resume=True, progress=False)
+    model = trainer.model
+    with pytest.raises(FloatingPointError, match=r"non-finite values in rnn.norm_l0.running_var at step 6 .*"
+                                                 r"last.pt was not overwritten") as info:
+        trainer.run(should_stop=poison)
+    assert info.value.step == 6
+    for name, data in before.items():
+        assert (tmp_path / "run" / name).read_bytes() == data, name
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step \d+ .*no checkpoint was written"):
+        train(small_config(corpus_dir, tmp_path / "fresh", lr=1e30, norm="none", max_steps=20), progress=False)
+    assert not (tmp_path / "fresh" / "last.pt").exists()
+
+
 def test_compare_records_and_marks_a_diverged_run(corpus_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(PRESETS, "paper-rnn-layer", replace(PRESETS["paper-rnn-layer"], lr=1e30))
     results = compare.run_grid(tmp_path / "cmp", data=str(corpus_dir), cells=("rnn",), norms=("layer",), seeds=(0,),
