@@ -46,8 +46,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises many types for damaged files
-        raise CheckpointError(f"checkpoint {path} is unreadable (corrupt or truncated?): {e}") from e
+    except Exception:  # torch raises many types for damaged or foreign files, with advice that does not apply
+        raise CheckpointError(f"{path} is unreadable as a checkpoint: it is corrupt, truncated, or not a file "
+                              "written by seqnorm-lm") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a seqnorm-lm checkpoint (format {FORMAT})")
     missing = [k for k in ("model_config", "vocab", "model") if k not in ckpt]
@@ -68,8 +69,9 @@ def check_model_config(ckpt: dict, cfg: ModelConfig, path) -> None:
 def check_vocab(ckpt: dict, vocab, path) -> None:
     saved = vocab_from_state(ckpt["vocab"])
     if saved != vocab:
+        size = getattr(vocab, "uncapped_size", len(vocab))  # the data's own size, not a cap taken from the checkpoint
         raise CheckpointError(f"checkpoint {path} has another vocabulary ({saved.kind}, {len(saved)} entries) than "
-                              f"this data ({vocab.kind}, {len(vocab)} entries)")
+                              f"this data ({vocab.kind}, {size} entries)")
 
 
 def model_from_checkpoint(ckpt: dict, path="checkpoint", device="cpu") -> RNNLM:

@@ -14,7 +14,7 @@ from .evaluate import evaluate
 from .generate import generate
 from .model import CELLS, NORMS
 from .presets import PRESETS, get_preset
-from .train import TrainConfig, Trainer
+from .train import TrainConfig, Trainer, resolve_device
 
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 DATA_HELP = "corpus folder with train/valid/test .txt (default: $SEQNORM_DATA, else data/ptb)"
@@ -193,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "device", None) is not None:
+            resolve_device(args.device)  # every subcommand: a clear error before any work
         return args.func(args)
     except (ValueError, FileNotFoundError, CheckpointError, DownloadError, FloatingPointError) as e:
         print(f"seqnorm-lm {args.command}: error: {e}", file=sys.stderr)

@@ -48,8 +48,11 @@ def split_paths(directory: str | os.PathLike) -> dict[str, Path]:
 
 
 def read_lines(path: Path) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        return f.read().splitlines()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text: byte offset {e.start} ({e.reason}); convert it to UTF-8") from None
 
 
 class WordVocab:
@@ -69,12 +72,15 @@ class WordVocab:
         counts = Counter(w for line in lines for w in line.split() + [EOS])
         counts.setdefault(UNK, 0)
         ranked = sorted(counts, key=lambda w: -counts[w])  # stable: ties keep first-occurrence order
+        uncapped = len(ranked)
         if max_size is not None:
             if max_size < 2:
                 raise ValueError(f"vocab_size must be at least 2 (<eos> and <unk>), got {max_size}")
             keep = set([w for w in ranked if w not in (EOS, UNK)][:max_size - 2]) | {EOS, UNK}
             ranked = [w for w in ranked if w in keep]
-        return cls(ranked)
+        vocab = cls(ranked)
+        vocab.uncapped_size = uncapped  # how many distinct words the text had, for error messages
+        return vocab
 
     def __len__(self) -> int:
         return len(self.itos)

@@ -36,6 +36,13 @@ def check_floating(name: str, tensor: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
 
 
+def check_dtype_matches(name: str, tensor: torch.Tensor, weight: torch.Tensor) -> None:
+    """As torch.nn's RNNs: the input's dtype must be the parameters' (autocast aside)."""
+    if tensor.dtype != weight.dtype and not torch.is_autocast_enabled(tensor.device.type):
+        raise TypeError(f"{name} dtype ({tensor.dtype}) does not match the parameters' dtype ({weight.dtype}); "
+                        f"convert the {name} (.to({weight.dtype})) or the module (.to({tensor.dtype}))")
+
+
 def check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
     if tensor.device != device:
         raise ValueError(f"{name} is on {tensor.device} but the module's parameters and state are on {device}")

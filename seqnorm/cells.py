@@ -31,6 +31,8 @@ def check_step_input(x: torch.Tensor, input_size: int, ref: torch.Tensor):
     if x.dim() not in (1, 2) or x.shape[-1] != input_size:
         raise ValueError(f"input must have shape (batch, {input_size}) or ({input_size},), got {tuple(x.shape)}")
     _checks.check_device("input", x, ref.device)
+    if x.shape[0] == 0:
+        raise ValueError(f"input is empty: shape {tuple(x.shape)}")
     return (x, False) if x.dim() == 2 else (x.unsqueeze(0), True)
 
 

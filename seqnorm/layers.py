@@ -109,6 +109,7 @@ class _RecurrentLayers(nn.Module):
         if input.shape[-2 if input.dim() == 2 else 0] == 0 or input.numel() == 0:
             raise ValueError(f"input is empty: shape {tuple(input.shape)}")
         _checks.check_device("input", input, self.weight_ih_l0.device)
+        _checks.check_dtype_matches("input", input, self.weight_ih_l0)
 
     def _check_state(self, name, h, batch, unbatched):
         _checks.check_floating(name, h)
@@ -116,6 +117,7 @@ class _RecurrentLayers(nn.Module):
         if tuple(h.shape) != expected:
             raise ValueError(f"{name} must have shape {expected}, got {tuple(h.shape)}")
         _checks.check_device(name, h, self.weight_ih_l0.device)
+        _checks.check_dtype_matches(name, h, self.weight_ih_l0)
         return h.unsqueeze(1) if unbatched else h
 
     def _to_time_major(self, input):

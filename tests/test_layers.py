@@ -284,3 +284,14 @@ def test_bad_constructor_arguments(kwargs, error, match):
 
 def test_norm_none_string_is_accepted():
     assert seqnorm.LSTM(4, 6, norm="none").norm_type is None
+
+
+def test_dtype_mismatch_and_empty_cell_input_are_clear_errors():
+    lstm = seqnorm.LSTM(3, 4)
+    with pytest.raises(TypeError, match=r"input dtype \(torch.float64\) does not match the parameters' dtype "
+                                        r"\(torch.float32\)"):
+        lstm(torch.randn(2, 2, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"h_0 dtype \(torch.float64\)"):
+        lstm(torch.randn(2, 2, 3), (torch.zeros(1, 2, 4, dtype=torch.float64), torch.zeros(1, 2, 4)))
+    with pytest.raises(ValueError, match=r"input is empty: shape \(0, 3\)"):
+        seqnorm.LSTMCell(3, 4)(torch.randn(0, 3))

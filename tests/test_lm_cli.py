@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from lm.cli import build_parser, main
 from lm.train import TrainConfig
@@ -116,3 +117,65 @@ def test_paper_lstm_online_preset_trains_as_written_and_diverges_without_the_flo
     assert math.isfinite(summary["test_ppl"])
     assert main([*common, "--out", str(tmp_path / "none"), "--v-decay-min", "none"]) == 2
     assert "diverged" in capsys.readouterr().err
+
+
+def one_line_error(capsys, command: str) -> str:
+    """What a failed command printed: exactly one line on stderr, prefixed, no traceback."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"seqnorm-lm {command}: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    data = write_corpus(root / "c")
+    assert main(["train", "--data", str(data), "--out", str(root / "run"), "--emsize", "8", "--nhid", "8",
+                 "--max-steps", "2", "--batch-size", "4", "--bptt", "8", "--no-progress"]) == 0
+    return data, root / "run" / "best.pt"
+
+
+def test_device_errors_on_every_subcommand(tiny_checkpoint, tmp_path, capsys):
+    data, ckpt = tiny_checkpoint
+    capsys.readouterr()
+    runs = {"train": ["--data", str(data), "--out", str(tmp_path / "o"), "--no-progress"],
+            "eval": ["--checkpoint", str(ckpt), "--data", str(data)],
+            "generate": ["--checkpoint", str(ckpt)],
+            "compare": ["--data", str(data), "--out", str(tmp_path / "c"), "--no-progress"]}
+    for command, flags in runs.items():
+        assert main([command, *flags, "--device", "gpu"]) == 2
+        assert "unknown device 'gpu'" in one_line_error(capsys, command)
+    if not torch.cuda.is_available():
+        for command in ("eval", "generate"):
+            assert main([command, *runs[command], "--device", "cuda"]) == 2
+            assert "CUDA is not available" in one_line_error(capsys, command)
+
+
+def test_vocabulary_mismatch_reports_the_real_sizes(tiny_checkpoint, capsys):
+    _, ckpt = tiny_checkpoint
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(ckpt), "--data", str(ptb_dir())]) == 2
+    line = one_line_error(capsys, "eval")
+    assert "(word, 42 entries) than this data (word, 10000 entries)" in line  # 40 words, <eos>, <unk>; PTB 10,000
+
+
+def test_non_utf8_corpus_names_the_file_and_offset(tmp_path, capsys):
+    data = write_corpus(tmp_path / "c")
+    text = (data / "valid.txt").read_bytes()
+    (data / "valid.txt").write_bytes(text[:25] + b"\xff\xfe" + text[25:])
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    line = one_line_error(capsys, "train")
+    assert f"{data / 'valid.txt'} is not UTF-8 text: byte offset 25" in line
+
+
+def test_a_file_that_is_not_a_checkpoint_says_so(tiny_checkpoint, tmp_path, capsys):
+    data, _ = tiny_checkpoint
+    for content in (b"not a checkpoint", b"PK\x03\x04 truncated zip"):
+        bad = tmp_path / "bad.pt"
+        bad.write_bytes(content)
+        assert main(["eval", "--checkpoint", str(bad), "--data", str(data)]) == 2
+        line = one_line_error(capsys, "eval")
+        assert "not a file written by seqnorm-lm" in line
+        assert "weights_only" not in line and "issue" not in line
