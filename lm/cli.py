@@ -20,10 +20,10 @@ DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 DATA_HELP = "corpus folder with train/valid/test .txt (default: $SEQNORM_DATA, else data/ptb)"
 
 
-def _add(p, *flags, name, help, **kw):
+def _add(p, *flags, name, help, show_none=False, **kw):
     """A train flag whose default comes from TrainConfig (or the preset); absent flags stay absent."""
-    if DEFAULTS[name] is not None:
-        help = f"{help} (default: {DEFAULTS[name]})"
+    if DEFAULTS[name] is not None or show_none:
+        help = f"{help} (default: {'none' if DEFAULTS[name] is None else DEFAULTS[name]})"
     p.add_argument(*flags, dest=name, default=argparse.SUPPRESS, help=help, **kw)
 
 
@@ -55,11 +55,12 @@ def add_train_parser(sub):
          help="ON floor on v's per-row decay, as in the reference's recurrent experiments; none: the paper's "
               "printed equations")
     _add(p, "--epochs", name="epochs", type=int, help="epochs")
-    _add(p, "--max-steps", name="max_steps", type=int, help="stop after this many optimizer steps in total")
+    _add(p, "--max-steps", name="max_steps", type=int, help="stop after this many optimizer steps in total",
+         show_none=True)
     _add(p, "--lr", name="lr", type=float, help="SGD learning rate")
     _add(p, "--lr-decay", name="lr_decay", type=float, help="lr factor applied after every epoch")
     _add(p, "--weight-decay", name="weight_decay", type=float, help="SGD weight decay")
-    _add(p, "--clip", name="clip", type=_optional_float, help="gradient norm clipping, or none")
+    _add(p, "--clip", name="clip", type=_optional_float, help="gradient norm clipping, or none", show_none=True)
     _add(p, "--batch-size", name="batch_size", type=int, help="training batch size")
     _add(p, "--bptt", name="bptt", type=int, help="segment length (the maximum in random mode)")
     _add(p, "--bptt-mode", name="bptt_mode", choices=("fixed", "random"),
@@ -99,6 +100,7 @@ def add_eval_parser(sub):
     p.add_argument("--batch-size", type=int, default=10, help="evaluation batch size (default: 10)")
     p.add_argument("--bptt", type=int, default=32, help="segment length (default: 32)")
     p.add_argument("--device", default="cpu", help="(default: cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
 
@@ -109,7 +111,8 @@ def cmd_eval(args) -> int:
         check_vocab(ckpt, corpus.vocab, args.checkpoint)
     else:
         corpus = load_corpus(args.data, vocab=vocab)
-    result = evaluate(model, corpus.split(args.split), args.batch_size, args.bptt)
+    result = evaluate(model, corpus.split(args.split), args.batch_size, args.bptt, progress=not args.no_progress,
+                      desc=args.split)
     print(json.dumps({"split": args.split, "checkpoint": str(args.checkpoint), **result}))
     return 0
 
@@ -127,21 +130,25 @@ def add_generate_parser(sub):
 
 def cmd_generate(args) -> int:
     model, vocab, _ = load_model(args.checkpoint, args.device)
-    print(generate(model, vocab, args.words, args.temperature, args.seed, args.prompt))
+    text = generate(model, vocab, args.words, args.temperature, args.seed, args.prompt)
+    print(f"{args.prompt.strip()} {text}" if args.prompt.strip() else text)  # the prompt, then what was sampled
     return 0
 
 
 def add_compare_parser(sub):
     p = sub.add_parser("compare", help="grid of norms x cells x seeds with the paper's presets; table and plot",
-                       description=compare_mod.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=compare_mod.__doc__.replace("``", ""),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help=DATA_HELP)
     p.add_argument("--out", default="runs/compare", help="output folder (default: runs/compare)")
     p.add_argument("--cells", nargs="+", default=["lstm", "rnn"], choices=("lstm", "rnn"), help="(default: lstm rnn)")
     p.add_argument("--norms", nargs="+", default=list(NORMS), choices=NORMS, help="(default: online layer none)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="(default: 0)")
     p.add_argument("--epochs", type=int, help="override the presets' epochs")
-    p.add_argument("--max-steps", type=int, help="stop each run after this many steps")
-    p.add_argument("--clip", type=float, help="gradient norm clipping for every run (the presets have none)")
+    p.add_argument("--max-steps", type=int, help="stop each run after this many steps (default: none, the presets' "
+                   "epochs)")
+    p.add_argument("--clip", type=float, help="gradient norm clipping for every run (default: none, as in the "
+                   "presets)")
     p.add_argument("--device", default="cpu", help="(default: cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from .data import resolve_data_dir
 from .presets import PRESETS, preset_name
 from .train import TrainConfig, TrainingDiverged, train
 
@@ -37,9 +39,11 @@ def run_grid(out, data=None, cells=("lstm", "rnn"), norms=("online", "layer", "n
                 base = replace(base, clip=clip)
             for seed in seeds:
                 cfg = replace(base, seed=seed, out=str(out / f"{name}-seed{seed}"))
-                summary = _train_or_diverge(cfg, progress)
+                summary = _train_or_diverge(cfg, progress, label=f"{name} seed {seed}")
                 if summary["status"] == "interrupted":
                     return {"status": "interrupted", "runs": runs}
+                if summary["status"] == "diverged":
+                    print(f"{name} seed {seed}: diverged at step {summary.get('step')}", file=sys.stderr)
                 runs.append({"preset": name, "seed": seed, **summary})
     results = {"status": "finished", "runs": runs, "table": summarize(runs)}
     out.mkdir(parents=True, exist_ok=True)
@@ -49,7 +53,14 @@ def run_grid(out, data=None, cells=("lstm", "rnn"), norms=("online", "layer", "n
     return results
 
 
-def _train_or_diverge(cfg: TrainConfig, progress: bool) -> dict:
+def _same_settings(saved: dict, cfg: TrainConfig) -> bool:
+    """Whether a saved run config is ``cfg``, comparing data folders as resolved (None: $SEQNORM_DATA)."""
+    want = json.loads(json.dumps(asdict(cfg)))
+    resolve = lambda c: {**c, "data": str(resolve_data_dir(c.get("data")))}  # noqa: E731
+    return resolve(saved) == resolve(want)
+
+
+def _train_or_diverge(cfg: TrainConfig, progress: bool, label: str = "") -> dict:
     """Train (resuming); a finished run with these settings is reused, a divergence is recorded in
     ``diverged.json`` and not retried on a rerun."""
     marker, done = Path(cfg.out) / "diverged.json", Path(cfg.out) / "summary.json"
@@ -57,10 +68,10 @@ def _train_or_diverge(cfg: TrainConfig, progress: bool) -> dict:
         return json.loads(marker.read_text())
     if done.exists():
         summary = json.loads(done.read_text())
-        if summary.get("status") == "finished" and summary.get("config") == json.loads(json.dumps(asdict(cfg))):
+        if summary.get("status") == "finished" and _same_settings(summary.get("config", {}), cfg):
             return summary
     try:
-        return train(cfg, resume=True, progress=progress)
+        return train(cfg, resume=True, progress=progress, label=label)
     except TrainingDiverged as e:
         summary = {"status": "diverged", "error": str(e), "step": e.step}
         marker.write_text(json.dumps(summary) + "\n")

@@ -20,7 +20,7 @@ import random
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -152,11 +152,12 @@ def stop_on_signals(flag: dict):
 class Trainer:
     """One training run writing into ``cfg.out``; ``run()`` trains and returns the summary dict."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True):
-        self.cfg, self.progress = cfg, progress
+    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True, label: str = ""):
+        data_dir = resolve_data_dir(cfg.data)
+        cfg = replace(cfg, data=str(data_dir))  # the saved config names the folder actually used
+        self.cfg, self.progress, self.label = cfg, progress, f"{label} " if label else ""
         self.out = Path(cfg.out)
         self.device = resolve_device(cfg.device)
-        data_dir = resolve_data_dir(cfg.data)
         last = self.out / "last.pt"
         ckpt = load_checkpoint(last) if resume and last.exists() else None
         vocab = vocab_from_state(ckpt["vocab"]) if ckpt and cfg.tokenizer == "sentencepiece" else None
@@ -251,8 +252,13 @@ class Trainer:
     def _run_epoch(self, stop: dict, should_stop) -> bool:
         """Train from ``self.pos`` to the end of the epoch; False when stopped early (limit or signal)."""
         rows, B = self.train_data.shape
-        bar = tqdm(total=(rows - 1) * B, initial=self.pos * B, unit="tok", unit_scale=True, leave=False,
-                   desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", disable=not self.progress)
+        desc = f"{self.label}epoch {self.epoch + 1}/{self.cfg.epochs}"
+        if self.cfg.max_steps is None:  # the bar counts this epoch's tokens
+            bar = tqdm(total=(rows - 1) * B, initial=self.pos * B, unit="tok", unit_scale=True, leave=False,
+                       desc=desc, disable=not self.progress)
+        else:  # the bar counts steps up to --max-steps, so its estimate is for the whole run
+            bar = tqdm(total=self.cfg.max_steps, initial=self.step, unit="step", leave=False, desc=desc,
+                       disable=not self.progress)
         with bar:
             while self.pos < rows - 1:
                 if stop.get("stop") or self._limits_reached():
@@ -265,7 +271,7 @@ class Trainer:
                 self.sums["loss"] += loss * y.numel()
                 self.sums["tokens"] += y.numel()
                 self.sums["seconds"] += time.perf_counter() - t0
-                bar.update(y.numel())
+                bar.update(y.numel() if self.cfg.max_steps is None else 1)
                 mean = self.sums["loss"] / self.sums["tokens"]
                 bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{safe_exp(mean):.1f}",
                                 tok_s=f"{self.sums['tokens'] / self.sums['seconds']:.0f}")
@@ -274,7 +280,8 @@ class Trainer:
         return True
 
     def _evaluate(self, split: str) -> dict:
-        return evaluate(self.model, self.corpus.split(split), self.cfg.eval_batch_size, self.cfg.eval_bptt)
+        return evaluate(self.model, self.corpus.split(split), self.cfg.eval_batch_size, self.cfg.eval_bptt,
+                        progress=self.progress, desc=f"{self.label}{split}")
 
     def _record(self, kind: str) -> dict:
         """Validate, log a history record, and keep ``best.pt`` up to date."""
@@ -324,7 +331,8 @@ class Trainer:
         """Test perplexity of the best-validation model; summary.json."""
         best = load_checkpoint(self.out / "best.pt", map_location=self.device)
         model = model_from_checkpoint(best, self.out / "best.pt", self.device)
-        test = evaluate(model, self.corpus.test, self.cfg.eval_batch_size, self.cfg.eval_bptt)
+        test = evaluate(model, self.corpus.test, self.cfg.eval_batch_size, self.cfg.eval_bptt, progress=self.progress,
+                        desc=f"{self.label}test")
         last = self.history[-1]
         summary = {"status": "finished", "steps": self.step, "epochs_completed": self.epoch,
                    "best_valid_ppl": self.best["valid_ppl"], "best_epoch": self.best["epoch"],
@@ -337,5 +345,6 @@ class Trainer:
         return summary
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, should_stop=None) -> dict:
-    return Trainer(cfg, resume=resume, progress=progress).run(should_stop)
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, should_stop=None, label: str = "") -> dict:
+    """Train (``label`` names the run on its progress bars); returns the summary."""
+    return Trainer(cfg, resume=resume, progress=progress, label=label).run(should_stop)

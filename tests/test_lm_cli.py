@@ -179,3 +179,40 @@ def test_a_file_that_is_not_a_checkpoint_says_so(tiny_checkpoint, tmp_path, caps
         line = one_line_error(capsys, "eval")
         assert "not a file written by seqnorm-lm" in line
         assert "weights_only" not in line and "issue" not in line
+
+
+def test_progress_bars_name_the_run_and_follow_max_steps(tmp_path, capsys, monkeypatch):
+    from lm import compare
+
+    data = write_corpus(tmp_path / "c")
+    monkeypatch.setenv("SEQNORM_DATA", str(data))
+    compare.run_grid(tmp_path / "cmp", cells=("rnn",), norms=("none",), seeds=(0,), max_steps=4, epochs=1,
+                     progress=True)
+    err = capsys.readouterr().err
+    assert "paper-rnn-none seed 0 epoch 1/1" in err and "0/4 [" in err  # the bar counts to --max-steps
+    assert "paper-rnn-none seed 0 valid" in err and "paper-rnn-none seed 0 test" in err  # evaluation bars
+    summary = json.loads((tmp_path / "cmp" / "paper-rnn-none-seed0" / "summary.json").read_text())
+    assert summary["config"]["data"] == str(data)  # the folder actually used, though only $SEQNORM_DATA named it
+    assert main(["eval", "--checkpoint", str(tmp_path / "cmp" / "paper-rnn-none-seed0" / "best.pt")]) == 0
+    assert "valid" in capsys.readouterr().err
+
+
+def test_help_shows_defaults_and_no_markup(capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "``" not in text
+    assert "(default: none, as in the presets)" in text and "(default: none, the presets' epochs)" in text
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    flat = " ".join(capsys.readouterr().out.split())
+    assert "gradient norm clipping, or none (default: none)" in flat
+    assert "optimizer steps in total (default: none)" in flat
+
+
+def test_generate_echoes_the_prompt(tiny_checkpoint, capsys):
+    _, ckpt = tiny_checkpoint
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(ckpt), "--words", "5", "--prompt", "w3 w4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("w3 w4 ") and len(out.split()) + out.count("\n") >= 7  # <eos> prints as a line break

@@ -185,12 +185,13 @@ def test_a_diverged_run_never_writes_a_nonfinite_checkpoint(corpus_dir, tmp_path
     assert not (tmp_path / "fresh" / "last.pt").exists()
 
 
-def test_compare_records_and_marks_a_diverged_run(corpus_dir, tmp_path, monkeypatch):
+def test_compare_records_and_marks_a_diverged_run(corpus_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(PRESETS, "paper-rnn-layer", replace(PRESETS["paper-rnn-layer"], lr=1e30))
     results = compare.run_grid(tmp_path / "cmp", data=str(corpus_dir), cells=("rnn",), norms=("layer",), seeds=(0,),
                                max_steps=20, progress=False, epochs=1)
     (run,) = results["runs"]
     assert run["status"] == "diverged" and f"at step {run['step']} " in run["error"]
+    assert f"paper-rnn-layer seed 0: diverged at step {run['step']}" in capsys.readouterr().err
     assert results["table"]["paper-rnn-layer"]["diverged"] == 1
     assert "| paper-rnn-layer | 0 (+1 diverged) |" in (tmp_path / "cmp" / "results.md").read_text()
     assert (tmp_path / "cmp" / "valid_ppl.png").exists()
