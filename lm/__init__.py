@@ -4,14 +4,19 @@ Run it as ``seqnorm-lm`` or ``python -m lm`` (train, eval, compare, generate,
 data).  From Python::
 
     from lm import TrainConfig, train, load_model, evaluate, generate
-"""
-from .checkpoint import CheckpointError, load_model
-from .data import Corpus, load_corpus
-from .evaluate import evaluate
-from .generate import generate
-from .model import ModelConfig, RNNLM
-from .presets import PRESETS
-from .train import TrainConfig, Trainer, train
 
-__all__ = ["CheckpointError", "load_model", "Corpus", "load_corpus", "evaluate", "generate", "ModelConfig", "RNNLM",
-           "PRESETS", "TrainConfig", "Trainer", "train"]
+The names below are loaded on first use, so that ``seqnorm-lm --help`` and
+argument errors answer without importing torch.
+"""
+import importlib
+
+_WHERE = {"CheckpointError": "checkpoint", "load_model": "checkpoint", "Corpus": "data", "load_corpus": "data",
+          "evaluate": "evaluate", "generate": "generate", "ModelConfig": "config", "RNNLM": "model",
+          "PRESETS": "presets", "TrainConfig": "config", "Trainer": "train", "train": "train"}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'lm' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)

@@ -1,4 +1,8 @@
-"""``seqnorm-lm`` / ``python -m lm``: train, eval, compare, generate, data."""
+"""``seqnorm-lm`` / ``python -m lm``: train, eval, compare, generate, data.
+
+The parser needs no torch; each command imports what it runs, so ``--help``
+and argument errors answer at once.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,18 +10,19 @@ import json
 import sys
 from dataclasses import fields
 
-from . import compare as compare_mod
-from .checkpoint import CheckpointError, check_vocab, load_model
-from .data import load_corpus, resolve_data_dir
-from .download import DownloadError, download_ptb
-from .evaluate import evaluate
-from .generate import generate
-from .model import CELLS, NORMS
+from .config import CELLS, NORMS, TrainConfig
 from .presets import PRESETS, get_preset
-from .train import TrainConfig, Trainer, resolve_device
 
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 DATA_HELP = "corpus folder with train/valid/test .txt (default: $SEQNORM_DATA, else data/ptb)"
+COMPARE_DESCRIPTION = """\
+Train the grid {online, layer, none} x {lstm, rnn} x seeds with the paper's
+presets, each run in OUT/<preset>-seed<S>/. Rerunning the same command
+continues an interrupted grid; finished runs with the same settings are read
+back, not trained again. Writes results.json, results.md (median/min/max
+validation and test perplexity per configuration, the paper's per-batch
+measure, epoch time, the paper's figure) and, with matplotlib, valid_ppl.png
+(validation perplexity per epoch, one line per run, diverged runs marked)."""
 
 
 def _add(p, *flags, name, help, show_none=False, **kw):
@@ -82,6 +87,8 @@ def train_config(args) -> TrainConfig:
 
 
 def cmd_train(args) -> int:
+    from .train import Trainer
+
     trainer = Trainer(train_config(args), resume=args.resume, progress=not args.no_progress)
     summary = trainer.run()
     summary = {k: v for k, v in summary.items() if k not in ("history", "config")}
@@ -105,6 +112,10 @@ def add_eval_parser(sub):
 
 
 def cmd_eval(args) -> int:
+    from .checkpoint import check_vocab, load_model
+    from .data import load_corpus
+    from .evaluate import evaluate
+
     model, vocab, ckpt = load_model(args.checkpoint, args.device)
     if vocab.kind == "word":  # rebuild from this data's train split: another corpus gives another vocabulary
         corpus = load_corpus(args.data, "word", len(vocab))
@@ -129,6 +140,9 @@ def add_generate_parser(sub):
 
 
 def cmd_generate(args) -> int:
+    from .checkpoint import load_model
+    from .generate import generate
+
     model, vocab, _ = load_model(args.checkpoint, args.device)
     text = generate(model, vocab, args.words, args.temperature, args.seed, args.prompt)
     print(f"{args.prompt.strip()} {text}" if args.prompt.strip() else text)  # the prompt, then what was sampled
@@ -137,8 +151,7 @@ def cmd_generate(args) -> int:
 
 def add_compare_parser(sub):
     p = sub.add_parser("compare", help="grid of norms x cells x seeds with the paper's presets; table and plot",
-                       description=compare_mod.__doc__.replace("``", ""),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=COMPARE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help=DATA_HELP)
     p.add_argument("--out", default="runs/compare", help="output folder (default: runs/compare)")
     p.add_argument("--cells", nargs="+", default=["lstm", "rnn"], choices=("lstm", "rnn"), help="(default: lstm rnn)")
@@ -155,6 +168,8 @@ def add_compare_parser(sub):
 
 
 def cmd_compare(args) -> int:
+    from . import compare as compare_mod
+
     results = compare_mod.run_grid(args.out, args.data, args.cells, args.norms, args.seeds, args.epochs,
                                    args.max_steps, args.device, progress=not args.no_progress, clip=args.clip)
     if results["status"] == "interrupted":
@@ -180,6 +195,9 @@ def add_data_parser(sub):
 
 
 def cmd_data(args) -> int:
+    from .data import resolve_data_dir
+    from .download import download_ptb
+
     directory = resolve_data_dir(args.dir)
     kwargs = {"base_url": args.url} if args.url else {}
     status = download_ptb(directory, progress=not args.no_progress, **kwargs)
@@ -198,12 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # --help and argument errors end here, before torch is imported
+    from .download import DownloadError
+    from .train import resolve_device
+
     try:
         if getattr(args, "device", None) is not None:
             resolve_device(args.device)  # every subcommand: a clear error before any work
         return args.func(args)
-    except (ValueError, FileNotFoundError, CheckpointError, DownloadError, FloatingPointError) as e:
+    except (ValueError, FileNotFoundError, DownloadError, FloatingPointError) as e:  # CheckpointError is a ValueError
         print(f"seqnorm-lm {args.command}: error: {e}", file=sys.stderr)
         return 2
 

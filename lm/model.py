@@ -7,56 +7,12 @@ need ``norm='none'``.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 from torch import nn
 
 import seqnorm
 
-CELLS = ("lstm", "rnn", "lstm-cudnn", "rnn-cudnn")
-NORMS = ("online", "layer", "none")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Everything that fixes the model's architecture (saved in checkpoints, compared on resume)."""
-
-    vocab_size: int
-    cell: str = "lstm"
-    norm: str = "online"
-    emsize: int = 200
-    nhid: int = 200
-    nlayers: int = 1
-    dropout: float = 0.0
-    tied: bool = True
-    nonlinearity: str = "tanh"
-    alpha_fwd: float | None = None  # None: the layer's paper default (LSTM 1-2^-13, RNN 1-2^-14)
-    alpha_bkw: float | None = None  # None: LSTM 1-2^-5, RNN 1-2^-7
-    ecm: str = "ls"
-    v_decay_min: float | None = 1e-5  # ON v-decay floor (DESIGN §2); None: the paper's printed equations
-
-    def __post_init__(self):
-        if self.cell not in CELLS:
-            raise ValueError(f"cell must be one of {CELLS}, got {self.cell!r}")
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
-        if self.cell.endswith("-cudnn") and self.norm != "none":
-            raise ValueError(f"cell {self.cell!r} is torch.nn's unnormalized layer; it needs norm='none', "
-                             f"got {self.norm!r}")
-        if self.tied and self.emsize != self.nhid:
-            raise ValueError(f"tied embeddings need emsize == nhid, got emsize={self.emsize}, nhid={self.nhid}; "
-                             f"pass --no-tie or make them equal")
-        for name in ("vocab_size", "emsize", "nhid", "nlayers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        seqnorm.OnlineNormConfig(v_decay_min=self.v_decay_min)  # validates it
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
+from .config import CELLS, NORMS, ModelConfig  # noqa: F401  (re-exported)
 
 def build_recurrent(cfg: ModelConfig) -> nn.Module:
     dropout = cfg.dropout if cfg.nlayers > 1 else 0.0

@@ -20,7 +20,7 @@ import random
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -31,7 +31,8 @@ from .batching import SegmentLengths, batchify, segment
 from .checkpoint import (check_model_config, check_vocab, load_checkpoint, model_from_checkpoint, save_checkpoint)
 from .data import load_corpus, resolve_data_dir, vocab_from_state
 from .evaluate import evaluate, safe_exp
-from .model import ModelConfig, RNNLM, detach_hidden
+from .config import TrainConfig  # noqa: F401  (re-exported)
+from .model import RNNLM, detach_hidden
 
 
 class TrainingDiverged(FloatingPointError):
@@ -40,62 +41,6 @@ class TrainingDiverged(FloatingPointError):
     def __init__(self, message: str, step: int):
         super().__init__(message)
         self.step = step
-
-
-@dataclass
-class TrainConfig:
-    """All settings of a training run (the CLI flags of ``seqnorm-lm train``)."""
-
-    data: str | None = None
-    out: str = "runs/lm"
-    cell: str = "lstm"
-    norm: str = "online"
-    nonlinearity: str = "tanh"
-    emsize: int = 200
-    nhid: int = 200
-    nlayers: int = 1
-    dropout: float = 0.0
-    tied: bool = True
-    alpha_fwd: float | None = None
-    alpha_bkw: float | None = None
-    ecm: str = "ls"
-    v_decay_min: float | None = 1e-5
-    epochs: int = 25
-    max_steps: int | None = None
-    lr: float = 6.5
-    lr_decay: float = 1.0
-    weight_decay: float = 1e-6
-    clip: float | None = None
-    batch_size: int = 20
-    bptt: int = 128
-    bptt_mode: str = "random"
-    eval_batch_size: int = 10
-    eval_bptt: int = 32
-    seed: int = 0
-    device: str = "cpu"
-    tokenizer: str = "word"
-    vocab_size: int | None = None
-
-    def __post_init__(self):
-        for name in ("epochs", "batch_size", "bptt", "eval_batch_size", "eval_bptt"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be positive, got {self.max_steps}")
-        if self.lr <= 0 or not 0 < self.lr_decay <= 1 or self.weight_decay < 0:
-            raise ValueError(f"need lr > 0, 0 < lr_decay <= 1, weight_decay >= 0; got lr={self.lr}, "
-                             f"lr_decay={self.lr_decay}, weight_decay={self.weight_decay}")
-        if self.clip is not None and self.clip <= 0:
-            raise ValueError(f"clip must be positive, got {self.clip}")
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-    def model_config(self, vocab_size: int) -> ModelConfig:
-        arch = ("cell", "norm", "emsize", "nhid", "nlayers", "dropout", "tied", "nonlinearity", "alpha_fwd",
-                "alpha_bkw", "ecm", "v_decay_min")
-        return ModelConfig(vocab_size=vocab_size, **{k: getattr(self, k) for k in arch})
 
 
 def resolve_device(name: str) -> torch.device:

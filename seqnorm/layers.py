@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import _checks, backend as backends
+from ._compile import opaque_to_compile
 from .cells import NONLINEARITIES
 from .norms import OnlineNormConfig, build_norm, canonical_norm, make_config
 from .sequence import RecurrenceFunction, RecurrenceSpec
@@ -29,12 +30,12 @@ from .sequence import RecurrenceFunction, RecurrenceSpec
 PAPER_RNN_CONFIG = OnlineNormConfig(alpha_fwd=1 - 2**-14, alpha_bkw=1 - 2**-7)
 
 
-@torch.compiler.disable
+@opaque_to_compile
 def _torch_recurrence(*args):
     return RecurrenceFunction.apply(*args)
 
 
-@torch.compiler.disable
+@opaque_to_compile
 def _triton_recurrence(*args):
     from .kernels.recurrence import FusedRecurrenceFunction
     from .kernels.step import TritonStep
@@ -42,7 +43,7 @@ def _triton_recurrence(*args):
     return FusedRecurrenceFunction.apply(*args, TritonStep)
 
 
-@torch.compiler.disable
+@opaque_to_compile
 def _cpu_recurrence(*args):
     from .kernels.cpu_step import CPUStep
     from .kernels.recurrence import FusedRecurrenceFunction
@@ -54,7 +55,7 @@ def _cpu_recurrence(*args):
 RECURRENCES = {"torch": _torch_recurrence, "triton": _triton_recurrence, "cpu": _cpu_recurrence}
 
 
-@torch.compiler.disable
+@opaque_to_compile
 def _pick_recurrence(backend, device, dtype):
     return RECURRENCES[backends.resolve(backend, device, dtype)]
 

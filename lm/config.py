@@ -1,0 +1,107 @@
+"""The settings of a language model and of a training run, as dataclasses.
+
+No torch here: the command line builds its parser (and answers ``--help``)
+from these without importing torch.  ``v_decay_min`` and the other Online
+Normalization values are validated by seqnorm when the model is built.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+CELLS = ("lstm", "rnn", "lstm-cudnn", "rnn-cudnn")
+NORMS = ("online", "layer", "none")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that fixes the model's architecture (saved in checkpoints, compared on resume)."""
+
+    vocab_size: int
+    cell: str = "lstm"
+    norm: str = "online"
+    emsize: int = 200
+    nhid: int = 200
+    nlayers: int = 1
+    dropout: float = 0.0
+    tied: bool = True
+    nonlinearity: str = "tanh"
+    alpha_fwd: float | None = None  # None: the layer's paper default (LSTM 1-2^-13, RNN 1-2^-14)
+    alpha_bkw: float | None = None  # None: LSTM 1-2^-5, RNN 1-2^-7
+    ecm: str = "ls"
+    v_decay_min: float | None = 1e-5  # ON v-decay floor (DESIGN §2); None: the paper's printed equations
+
+    def __post_init__(self):
+        if self.cell not in CELLS:
+            raise ValueError(f"cell must be one of {CELLS}, got {self.cell!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.cell.endswith("-cudnn") and self.norm != "none":
+            raise ValueError(f"cell {self.cell!r} is torch.nn's unnormalized layer; it needs norm='none', "
+                             f"got {self.norm!r}")
+        if self.tied and self.emsize != self.nhid:
+            raise ValueError(f"tied embeddings need emsize == nhid, got emsize={self.emsize}, nhid={self.nhid}; "
+                             f"pass --no-tie or make them equal")
+        for name in ("vocab_size", "emsize", "nhid", "nlayers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainConfig:
+    """All settings of a training run (the CLI flags of ``seqnorm-lm train``)."""
+
+    data: str | None = None
+    out: str = "runs/lm"
+    cell: str = "lstm"
+    norm: str = "online"
+    nonlinearity: str = "tanh"
+    emsize: int = 200
+    nhid: int = 200
+    nlayers: int = 1
+    dropout: float = 0.0
+    tied: bool = True
+    alpha_fwd: float | None = None
+    alpha_bkw: float | None = None
+    ecm: str = "ls"
+    v_decay_min: float | None = 1e-5
+    epochs: int = 25
+    max_steps: int | None = None
+    lr: float = 6.5
+    lr_decay: float = 1.0
+    weight_decay: float = 1e-6
+    clip: float | None = None
+    batch_size: int = 20
+    bptt: int = 128
+    bptt_mode: str = "random"
+    eval_batch_size: int = 10
+    eval_bptt: int = 32
+    seed: int = 0
+    device: str = "cpu"
+    tokenizer: str = "word"
+    vocab_size: int | None = None
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "bptt", "eval_batch_size", "eval_bptt"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be positive, got {self.max_steps}")
+        if self.lr <= 0 or not 0 < self.lr_decay <= 1 or self.weight_decay < 0:
+            raise ValueError(f"need lr > 0, 0 < lr_decay <= 1, weight_decay >= 0; got lr={self.lr}, "
+                             f"lr_decay={self.lr_decay}, weight_decay={self.weight_decay}")
+        if self.clip is not None and self.clip <= 0:
+            raise ValueError(f"clip must be positive, got {self.clip}")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        arch = ("cell", "norm", "emsize", "nhid", "nlayers", "dropout", "tied", "nonlinearity", "alpha_fwd",
+                "alpha_bkw", "ecm", "v_decay_min")
+        return ModelConfig(vocab_size=vocab_size, **{k: getattr(self, k) for k in arch})
