@@ -57,7 +57,8 @@ def _automatic(device: torch.device, dtype: torch.dtype) -> str:
     if device.type == "cuda" and dtype in TRITON_DTYPES:
         if triton_installed():
             return "triton"
-        _warn_once("triton is not installed: seqnorm layers on CUDA run the slower torch path (pip install triton)")
+        _warn_once("triton is not installed: seqnorm layers on CUDA run the slower torch path "
+                   "(pip install 'seqnorm[triton]')")
     if device.type == "cpu" and dtype == torch.float32:
         if cpu_kernels_available():
             return "cpu"
@@ -79,7 +80,7 @@ def _check_triton_runs_on(device: torch.device, dtype: torch.dtype) -> None:
         raise TypeError(f"backend='triton' supports float32, bfloat16 and float16 inputs, got {dtype}; "
                         "use backend='torch'")
     if not triton_installed():
-        raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+        raise RuntimeError("backend='triton' needs the triton package: pip install 'seqnorm[triton]' (or triton)")
     from .kernels import step
 
     if device.type != "cuda" and not step.INTERPRETED:
