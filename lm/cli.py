@@ -38,7 +38,10 @@ def _optional_float(s: str):
 
 def add_train_parser(sub):
     p = sub.add_parser("train", help="train a language model", description="Train a language model with truncated "
-                       "BPTT and SGD. Flags given explicitly override the preset's values.")
+                       "BPTT and SGD. Flags given explicitly override the preset's values. Under torchrun "
+                       "(--nproc_per_node N, one or more hosts) it trains data-parallel: gloo on CPU, nccl on "
+                       "CUDA, --batch-size split over the processes, statistics reconciled for validation and "
+                       "checkpoints, files written by rank 0.")
     p.add_argument("--preset", choices=sorted(PRESETS), help="one of the paper's six configurations")
     p.add_argument("--resume", action="store_true", help="continue exactly from OUT/last.pt if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -66,7 +69,8 @@ def add_train_parser(sub):
     _add(p, "--lr-decay", name="lr_decay", type=float, help="lr factor applied after every epoch")
     _add(p, "--weight-decay", name="weight_decay", type=float, help="SGD weight decay")
     _add(p, "--clip", name="clip", type=_optional_float, help="gradient norm clipping, or none", show_none=True)
-    _add(p, "--batch-size", name="batch_size", type=int, help="training batch size")
+    _add(p, "--batch-size", name="batch_size", type=int,
+         help="training batch size: the global batch, split over the processes under torchrun")
     _add(p, "--bptt", name="bptt", type=int, help="segment length (the maximum in random mode)")
     _add(p, "--bptt-mode", name="bptt_mode", choices=("fixed", "random"),
          help="fixed length, or uniform in 2..bptt per segment")
@@ -87,16 +91,22 @@ def train_config(args) -> TrainConfig:
 
 
 def cmd_train(args) -> int:
+    import torch.distributed as dist
+
     from .train import Trainer
 
-    trainer = Trainer(train_config(args), resume=args.resume, progress=not args.no_progress)
-    summary = trainer.run()
+    try:
+        trainer = Trainer(train_config(args), resume=args.resume, progress=not args.no_progress)
+        summary = trainer.run()
+    finally:
+        if dist.is_initialized():  # under torchrun
+            dist.destroy_process_group()
     summary = {k: v for k, v in summary.items() if k not in ("history", "config")}
-    print(json.dumps(summary, indent=2))
-    if summary["status"] == "interrupted":
-        print("interrupted; continue with the same command and --resume", file=sys.stderr)
-        return 130
-    return 0
+    if trainer.ranks.main:
+        print(json.dumps(summary, indent=2))
+        if summary["status"] == "interrupted":
+            print("interrupted; continue with the same command and --resume", file=sys.stderr)
+    return 130 if summary["status"] == "interrupted" else 0
 
 
 def add_eval_parser(sub):

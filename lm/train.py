@@ -27,6 +27,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from seqnorm.distributed import gather_states, load_states, reconcile_statistics, wrap_ddp
+
+from . import parallel
 from .batching import SegmentLengths, batchify, segment
 from .checkpoint import (check_model_config, check_vocab, load_checkpoint, model_from_checkpoint, save_checkpoint)
 from .data import load_corpus, resolve_data_dir, vocab_from_state
@@ -100,23 +103,28 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True, label: str = ""):
         data_dir = resolve_data_dir(cfg.data)
         cfg = replace(cfg, data=str(data_dir))  # the saved config names the folder actually used
-        self.cfg, self.progress, self.label = cfg, progress, f"{label} " if label else ""
+        self.cfg, self.label = cfg, f"{label} " if label else ""
         self.out = Path(cfg.out)
-        self.device = resolve_device(cfg.device)
+        self.ranks, self.device = parallel.setup(resolve_device(cfg.device))  # under torchrun: joins the group
+        self.progress = progress and self.ranks.main
+        columns = self.ranks.columns(cfg.batch_size)
         last = self.out / "last.pt"
         ckpt = load_checkpoint(last) if resume and last.exists() else None
         vocab = vocab_from_state(ckpt["vocab"]) if ckpt and cfg.tokenizer == "sentencepiece" else None
         self.corpus = load_corpus(data_dir, cfg.tokenizer, cfg.vocab_size, vocab=vocab)
         self.model_cfg = cfg.model_config(len(self.corpus.vocab))
-        self.train_data = batchify(self.corpus.train, cfg.batch_size).to(self.device)
+        self.train_data = batchify(self.corpus.train, cfg.batch_size)[:, columns].to(self.device)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.model = RNNLM(self.model_cfg).to(self.device)
+        self.net = self.model  # what the training steps call: DDP around the model under torchrun
+        if self.ranks.world > 1:
+            self.net = wrap_ddp(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=cfg.lr_decay)
         self.lengths = SegmentLengths(cfg.bptt, cfg.bptt_mode, seed=cfg.seed)
         self.epoch, self.pos, self.step = 0, 0, 0
-        self.hidden = self.model.init_hidden(cfg.batch_size)
+        self.hidden = self.model.init_hidden(self.train_data.shape[1])
         self.sums = {"loss": 0.0, "tokens": 0, "seconds": 0.0}
         self.best = {"valid_ppl": None}
         self.history: list[dict] = []
@@ -124,16 +132,33 @@ class Trainer:
             self._restore(ckpt, last)
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
-    def _payload(self, with_train: bool) -> dict:
+    def _payload(self, with_train: bool, rank_states=None) -> dict:
+        """The checkpoint; under torchrun called by every rank (it gathers), inside ``_reconciled``."""
         payload = {"model_config": self.model_cfg.to_dict(), "vocab": self.corpus.vocab.state(),
                    "model": self.model.state_dict(), "train_config": asdict(self.cfg)}
         if with_train:
+            hidden = tuple(parallel.gather_columns(h, self.ranks) for h in self.hidden) \
+                if isinstance(self.hidden, tuple) else parallel.gather_columns(self.hidden, self.ranks)
             payload["train"] = {
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "lengths": self.lengths.state_dict(), "rng": rng_state(), "epoch": self.epoch, "pos": self.pos,
-                "step": self.step, "hidden": self.hidden, "sums": dict(self.sums), "best": dict(self.best),
-                "history": list(self.history)}
+                "step": self.step, "hidden": hidden, "sums": dict(self.sums), "best": dict(self.best),
+                "history": list(self.history), "world_size": self.ranks.world, "rank_states": rank_states}
         return payload
+
+    @contextlib.contextmanager
+    def _reconciled(self):
+        """Inside: the Online Normalization statistics combined over ranks (what checkpoints and validation use),
+        yielding every rank's own state; after: each rank's own state again, so training never depends on it."""
+        own = gather_states(self.model) if self.ranks.world > 1 else None
+        if own is None:
+            yield None
+            return
+        reconcile_statistics(self.model)
+        try:
+            yield own
+        finally:
+            load_states(self.model, own[self.ranks.rank])
 
     def _restore(self, ckpt: dict, path: Path) -> None:
         check_vocab(ckpt, self.corpus.vocab, path)
@@ -141,20 +166,31 @@ class Trainer:
         if "train" not in ckpt:
             raise ValueError(f"checkpoint {path} has no training state to resume from")
         t = ckpt["train"]
+        saved_world = t.get("world_size", 1)
+        if saved_world != self.ranks.world:
+            raise ValueError(f"checkpoint {path} was written by a run of {saved_world} process(es) and resumes only "
+                             f"with as many (this run has {self.ranks.world}); eval and generate load it in one")
         self.model.load_state_dict(ckpt["model"])
+        if t.get("rank_states"):
+            load_states(self.model, t["rank_states"][self.ranks.rank])
         self.optimizer.load_state_dict(t["optimizer"])
         self.scheduler.load_state_dict(t["scheduler"])
         self.lengths.load_state_dict(t["lengths"])
         set_rng_state(t["rng"])
         self.epoch, self.pos, self.step = t["epoch"], t["pos"], t["step"]
-        self.hidden = tuple(h.to(self.device) for h in t["hidden"]) if isinstance(t["hidden"], tuple) \
-            else t["hidden"].to(self.device)
+        columns = self.ranks.columns(self.cfg.batch_size)  # the saved hidden state holds the global batch
+        self.hidden = tuple(h[:, columns].to(self.device) for h in t["hidden"]) if isinstance(t["hidden"], tuple) \
+            else t["hidden"][:, columns].to(self.device)
         self.sums, self.best, self.history = dict(t["sums"]), dict(t["best"]), list(t["history"])
 
     def save(self) -> None:
-        self._check_finite_state()
-        save_checkpoint(self.out / "last.pt", self._payload(with_train=True))
-        self._write_json_lines(self.out / "metrics.jsonl", self.history)
+        with self._reconciled() as own:
+            self._check_finite_state()
+            payload = self._payload(with_train=True, rank_states=own)
+            if self.ranks.main:
+                save_checkpoint(self.out / "last.pt", payload)
+        if self.ranks.main:
+            self._write_json_lines(self.out / "metrics.jsonl", self.history)
 
     @staticmethod
     def _write_json_lines(path: Path, records: list[dict]) -> None:
@@ -168,9 +204,9 @@ class Trainer:
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         self.hidden = detach_hidden(self.hidden)
-        logits, self.hidden = self.model(x, self.hidden)
+        logits, self.hidden = self.net(x, self.hidden)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
-        value = loss.item()
+        value = parallel.global_mean(loss, y.numel(), self.ranks)  # the same on every rank
         if not math.isfinite(value):  # before the update: the weights stay as they were
             raise self._diverged(f"loss is {value}")
         self.optimizer.zero_grad(set_to_none=True)
@@ -196,7 +232,7 @@ class Trainer:
 
     def _run_epoch(self, stop: dict, should_stop) -> bool:
         """Train from ``self.pos`` to the end of the epoch; False when stopped early (limit or signal)."""
-        rows, B = self.train_data.shape
+        rows, B = self.train_data.shape[0], self.cfg.batch_size  # the global batch
         desc = f"{self.label}epoch {self.epoch + 1}/{self.cfg.epochs}"
         if self.cfg.max_steps is None:  # the bar counts this epoch's tokens
             bar = tqdm(total=(rows - 1) * B, initial=self.pos * B, unit="tok", unit_scale=True, leave=False,
@@ -206,6 +242,8 @@ class Trainer:
                        disable=not self.progress)
         with bar:
             while self.pos < rows - 1:
+                if parallel.any_rank(stop.get("stop"), self.ranks, self.device):  # every rank stops at the same step
+                    stop["stop"] = True
                 if stop.get("stop") or self._limits_reached():
                     return False
                 t0 = time.perf_counter()
@@ -213,10 +251,11 @@ class Trainer:
                 loss = self._train_step(x, y)
                 self.pos += x.shape[0]
                 self.step += 1
-                self.sums["loss"] += loss * y.numel()
-                self.sums["tokens"] += y.numel()
+                tokens = y.numel() * self.ranks.world  # every rank's share of the global batch
+                self.sums["loss"] += loss * tokens
+                self.sums["tokens"] += tokens
                 self.sums["seconds"] += time.perf_counter() - t0
-                bar.update(y.numel() if self.cfg.max_steps is None else 1)
+                bar.update(tokens if self.cfg.max_steps is None else 1)
                 mean = self.sums["loss"] / self.sums["tokens"]
                 bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{safe_exp(mean):.1f}",
                                 tok_s=f"{self.sums['tokens'] / self.sums['seconds']:.0f}")
@@ -229,8 +268,15 @@ class Trainer:
                         progress=self.progress, desc=f"{self.label}{split}")
 
     def _record(self, kind: str) -> dict:
-        """Validate, log a history record, and keep ``best.pt`` up to date."""
-        valid = self._evaluate("valid")
+        """Validate, log a history record, and keep ``best.pt`` up to date (with the reconciled statistics)."""
+        with self._reconciled():
+            valid = self._evaluate("valid")
+            is_best = self.best["valid_ppl"] is None or valid["perplexity"] < self.best["valid_ppl"]
+            if is_best:
+                self._check_finite_state()
+                best_payload = self._payload(with_train=False)
+                if self.ranks.main:
+                    save_checkpoint(self.out / "best.pt", best_payload)
         s = self.sums
         record = {"event": kind, "epoch": self.epoch + 1, "step": self.step,
                   "train_loss": s["loss"] / max(s["tokens"], 1), "train_ppl": safe_exp(s["loss"] / max(s["tokens"], 1)),
@@ -239,10 +285,8 @@ class Trainer:
                   "lr": self.optimizer.param_groups[0]["lr"], "time_s": s["seconds"],
                   "tokens_per_s": s["tokens"] / s["seconds"] if s["seconds"] else None}
         self.history.append(record)
-        if self.best["valid_ppl"] is None or valid["perplexity"] < self.best["valid_ppl"]:
-            self._check_finite_state()
+        if is_best:
             self.best = {"valid_ppl": valid["perplexity"], "epoch": self.epoch + 1, "step": self.step}
-            save_checkpoint(self.out / "best.pt", self._payload(with_train=False))
         return record
 
     def run(self, should_stop=None) -> dict:
@@ -261,9 +305,9 @@ class Trainer:
                 self.scheduler.step()
                 self.epoch, self.pos = self.epoch + 1, 0
                 self.sums = {"loss": 0.0, "tokens": 0, "seconds": 0.0}
-                self.hidden = self.model.init_hidden(self.cfg.batch_size)
+                self.hidden = self.model.init_hidden(self.train_data.shape[1])
                 self.save()
-            if stop.get("stop") and not self._limits_reached():
+            if parallel.any_rank(stop.get("stop"), self.ranks, self.device) and not self._limits_reached():
                 self.save()
                 return {"status": "interrupted", "epoch": self.epoch + 1, "step": self.step,
                         "checkpoint": str(self.out / "last.pt")}
@@ -274,7 +318,11 @@ class Trainer:
 
     def _finish(self) -> dict:
         """Test perplexity of the best-validation model; summary.json."""
-        best = load_checkpoint(self.out / "best.pt", map_location=self.device)
+        best = load_checkpoint(self.out / "best.pt", map_location=self.device) if self.ranks.main else None
+        if self.ranks.world > 1:  # rank 0's file, to every rank (no shared filesystem needed)
+            shared = [best]
+            torch.distributed.broadcast_object_list(shared, src=0, device=self.device)
+            best = shared[0]
         model = model_from_checkpoint(best, self.out / "best.pt", self.device)
         test = evaluate(model, self.corpus.test, self.cfg.eval_batch_size, self.cfg.eval_bptt, progress=self.progress,
                         desc=f"{self.label}test")
@@ -286,7 +334,8 @@ class Trainer:
                    "train_seconds": sum(r["time_s"] for r in self.history if r["event"] == "epoch")
                    + (last["time_s"] if last["event"] == "end" else 0.0),
                    "history": self.history, "config": asdict(self.cfg)}
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if self.ranks.main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
 

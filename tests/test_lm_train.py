@@ -104,6 +104,8 @@ def test_training_learns_and_logs(corpus_dir, tmp_path):
     for key in ("train_loss", "valid_ppl", "valid_ppl_mean_batch_exp", "lr", "time_s", "tokens_per_s"):
         assert all(math.isfinite(r[key]) for r in lines), key
     assert summary["best_valid_ppl"] < 40 * 0.5  # 41 ids: a uniform guess is ~41; the corpus is predictable
+    for r in lines:  # the logged training loss is a per-token mean like the validation loss, of the same size
+        assert 0.5 < r["train_loss"] / r["valid_loss"] < 2, r
     assert {p.name for p in (tmp_path / "run").iterdir()} >= {"last.pt", "best.pt", "metrics.jsonl", "summary.json"}
 
 
