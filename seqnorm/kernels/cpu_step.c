@@ -13,6 +13,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 enum { NORM_NONE = 0, NORM_ONLINE = 1, NORM_LAYER = 2 };
 enum { ECM_NONE = 0, ECM_LS = 1, ECM_AC = 2 };
@@ -23,6 +24,14 @@ typedef struct {
     float alpha, eps, ls_eps, clamp_value, beta_b; /* beta_b = 1 - alpha_bkw */
     float v_decay_min;                             /* floor on v's decay; -FLT_MAX for none */
 } Params;
+
+/* Finite test on the exponent bits: the code is built with -ffast-math, under which isfinite() may be
+ * assumed true, and an integer test keeps the other loops' fast-math vectorization. */
+static inline int finitef_(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    return (u & 0x7f800000u) != 0x7f800000u;
+}
 
 static inline float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
 
@@ -50,7 +59,7 @@ static void gate_forward(const Params *p, const float *x, float *mu, float *var,
             if (p->training) {
                 float nv = a * var[j] + a * (1.0f - a) * d * d; /* eq. 8c */
                 float nm = mu[j] + (1.0f - a) * d;             /* eq. 8b */
-                int ok = isfinite(nv) && isfinite(nm);         /* a non-finite sample never enters the state */
+                int ok = finitef_(nv) & finitef_(nm);         /* a non-finite sample never enters the state */
                 var[j] = ok ? nv : var[j];
                 mu[j] = ok ? nm : mu[j];
             }
@@ -112,7 +121,7 @@ static void gate_backward(const Params *p, float *d, const float *y, const float
                 float nv = decay * v[j] + d[j] * y[j];
                 float dx = gt * s[j] - bb * u[j]; /* eq. 12a */
                 float nu = u[j] + dx;             /* eq. 12b */
-                int ok = isfinite(nv) && isfinite(nu);
+                int ok = finitef_(nv) & finitef_(nu);
                 v[j] = ok ? nv : v[j];
                 u[j] = ok ? nu : u[j];
                 d[j] = dx;
