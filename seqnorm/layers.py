@@ -64,9 +64,14 @@ class _RecurrentLayers(nn.Module):
     cell = ""
     gates = 1
 
-    def __init__(self, input_size, hidden_size, num_layers, bias, batch_first, dropout, norm, config, nonlinearity,
-                 backend, device, dtype):
+    def __init__(self, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size,
+                 norm, config, nonlinearity, backend, device, dtype):
         super().__init__()
+        if bidirectional:
+            raise NotImplementedError("bidirectional=True is not supported yet; use bidirectional=False")
+        if proj_size:
+            raise NotImplementedError("proj_size > 0 is not supported yet; use proj_size=0")
+        self.bidirectional, self.proj_size = False, 0
         self.backend = backends.check_backend("backend", backend)
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -94,6 +99,39 @@ class _RecurrentLayers(nn.Module):
         for name, p in self.named_parameters():
             if name.startswith(("weight_", "bias_ih", "bias_hh")):
                 nn.init.uniform_(p, -bound, bound)
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        """Per layer [weight_ih, weight_hh, bias_ih, bias_hh] (without the biases when bias=False), as torch.nn."""
+        names = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if self.bias else ())
+        return [[getattr(self, f"{n}_l{k}") for n in names] for k in range(self.num_layers)]
+
+    def flatten_parameters(self) -> None:
+        """A no-op, for code written for torch.nn: cuDNN's flat weight buffer does not apply here."""
+
+    @classmethod
+    def from_torch(cls, module: nn.Module, **kwargs) -> "_RecurrentLayers":
+        """The equivalent layer for a ``torch.nn.LSTM`` / ``torch.nn.RNN``, with its weights (strictly).
+
+        ``kwargs``: this class's own keywords (``norm=``, ``config=``, ``backend=``, config fields); the
+        normalizers start at their initial state.
+        """
+        want = nn.LSTM if cls is LSTM else nn.RNN
+        if not isinstance(module, want):
+            raise TypeError(f"{cls.__name__}.from_torch needs a torch.nn.{want.__name__}, got {type(module).__name__}")
+        p = next(module.parameters())
+        args = dict(num_layers=module.num_layers, bias=module.bias, batch_first=module.batch_first,
+                    dropout=module.dropout, bidirectional=module.bidirectional, device=p.device, dtype=p.dtype)
+        if cls is LSTM:
+            args["proj_size"] = module.proj_size
+        else:
+            args["nonlinearity"] = module.nonlinearity
+        layer = cls(module.input_size, module.hidden_size, **args, **kwargs)
+        missing, unexpected = layer.load_state_dict(module.state_dict(), strict=False)
+        shared_missing = [k for k in missing if not k.startswith("norm_l")]
+        if shared_missing or unexpected:
+            raise ValueError(f"weights do not match: missing {shared_missing}, unexpected {unexpected}")
+        return layer
 
     def _layer_params(self, k):
         get = lambda name: getattr(self, f"{name}_l{k}")  # noqa: E731
@@ -188,13 +226,14 @@ class LSTM(_RecurrentLayers):
 
     cell = "lstm"
     gates = 4
+    mode = "LSTM"
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
-                 batch_first: bool = False, dropout: float = 0.0, norm="online", config: OnlineNormConfig | None = None,
-                 backend: str = "auto", device=None, dtype=None, **config_fields):
-        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, norm,
-                         make_config(config, config_fields), "tanh",
-                         backend, device, dtype)
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
+                 device=None, dtype=None, *, norm="online", config: OnlineNormConfig | None = None,
+                 backend: str = "auto", **config_fields):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size,
+                         norm, make_config(config, config_fields), "tanh", backend, device, dtype)
 
     def forward(self, input: torch.Tensor, hx=None):
         self._check_input(input)
@@ -227,13 +266,14 @@ class RNN(_RecurrentLayers):
     gates = 1
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
-                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0, norm="online",
-                 config: OnlineNormConfig | None = None, backend: str = "auto", device=None, dtype=None,
-                 **config_fields):
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 device=None, dtype=None, *, norm="online", config: OnlineNormConfig | None = None,
+                 backend: str = "auto", **config_fields):
         _checks.check_choice("nonlinearity", nonlinearity, tuple(NONLINEARITIES))
         config = make_config(config, config_fields, PAPER_RNN_CONFIG)
-        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, norm, config, nonlinearity,
-                         backend, device, dtype)
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0, norm,
+                         config, nonlinearity, backend, device, dtype)
+        self.mode = f"RNN_{nonlinearity.upper()}"
 
     def forward(self, input: torch.Tensor, hx=None):
         self._check_input(input)

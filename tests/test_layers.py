@@ -295,3 +295,58 @@ def test_dtype_mismatch_and_empty_cell_input_are_clear_errors():
         lstm(torch.randn(2, 2, 3), (torch.zeros(1, 2, 4, dtype=torch.float64), torch.zeros(1, 2, 4)))
     with pytest.raises(ValueError, match=r"input is empty: shape \(0, 3\)"):
         seqnorm.LSTMCell(3, 4)(torch.randn(0, 3))
+
+
+def test_torch_nn_constructor_order_attributes_and_no_ops():
+    lstm = seqnorm.LSTM(4, 8, 2, True, True, 0.0, False, 0)  # nn.LSTM's positional order
+    rnn = seqnorm.RNN(4, 8, 1, "relu", True, False, 0.0, False)
+    ref_lstm, ref_rnn = torch.nn.LSTM(4, 8, 2, True, True), torch.nn.RNN(4, 8, 1, "relu")
+    assert lstm.batch_first and (lstm.bidirectional, lstm.proj_size, lstm.mode) == (False, 0, "LSTM")
+    assert rnn.mode == ref_rnn.mode == "RNN_RELU"
+    for ours, ref in ((lstm, ref_lstm), (rnn, ref_rnn)):
+        assert [[w.shape for w in layer] for layer in ours.all_weights] == \
+               [[w.shape for w in layer] for layer in ref.all_weights]
+        ours.flatten_parameters()  # documented no-op, as client code calls it
+    with pytest.raises(NotImplementedError, match="bidirectional=True"):
+        seqnorm.LSTM(4, 8, bidirectional=True)
+    with pytest.raises(NotImplementedError, match="proj_size"):
+        seqnorm.LSTM(4, 8, proj_size=3)
+
+
+@pytest.mark.parametrize("cls,ref_cls,kw", [(seqnorm.LSTM, torch.nn.LSTM, {}),
+                                            (seqnorm.RNN, torch.nn.RNN, {"nonlinearity": "relu"})])
+def test_from_torch_reproduces_the_torch_module(cls, ref_cls, kw):
+    torch.manual_seed(0)
+    ref = ref_cls(5, 7, num_layers=2, batch_first=True, **kw)
+    ours = cls.from_torch(ref, norm=None)
+    x = torch.randn(3, 4, 5)
+    torch.testing.assert_close(ours(x)[0], ref(x)[0], rtol=1e-5, atol=1e-6)
+    assert cls.from_torch(ref).norm_type == "online"  # the normalizers start fresh
+    with pytest.raises(TypeError, match="needs a torch.nn"):
+        cls.from_torch(torch.nn.GRU(5, 7))
+
+
+class _Client(torch.nn.Module):
+    """A user's model holding a seqnorm layer, saved whole (as pytorch/examples' word_language_model does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = torch.nn.Embedding(11, 6)
+        self.rnn = seqnorm.LSTM(6, 6, 2)
+        self.decoder = torch.nn.Linear(6, 11)
+
+    def forward(self, ids):
+        return self.decoder(self.rnn(self.encoder(ids))[0])
+
+
+def test_whole_module_loads_with_weights_only_without_listing_seqnorm(tmp_path):
+    model = _Client()
+    model(torch.randint(0, 11, (5, 3))).sum().backward()  # statistics move away from their initial values
+    torch.save(model, tmp_path / "model.pt")
+    with torch.serialization.safe_globals([_Client, torch.nn.Embedding, torch.nn.Linear]):  # only the caller's own
+        loaded = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert set(seqnorm.SAFE_GLOBALS) >= {seqnorm.LSTM, seqnorm.OnlineNorm, seqnorm.OnlineNormConfig}
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    ids = torch.randint(0, 11, (4, 2))
+    torch.testing.assert_close(loaded.eval()(ids), model.eval()(ids))
