@@ -67,11 +67,10 @@ class _RecurrentLayers(nn.Module):
     def __init__(self, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size,
                  norm, config, nonlinearity, backend, device, dtype):
         super().__init__()
-        if bidirectional:
-            raise NotImplementedError("bidirectional=True is not supported yet; use bidirectional=False")
         if proj_size:
             raise NotImplementedError("proj_size > 0 is not supported yet; use proj_size=0")
-        self.bidirectional, self.proj_size = False, 0
+        self.bidirectional, self.proj_size = bool(bidirectional), 0
+        self.num_directions = 2 if bidirectional else 1
         self.backend = backends.check_backend("backend", backend)
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -86,13 +85,18 @@ class _RecurrentLayers(nn.Module):
         kw = dict(device=device, dtype=dtype)
         width = self.gates * hidden_size
         for k in range(num_layers):
-            layer_input = input_size if k == 0 else hidden_size
-            self.register_parameter(f"weight_ih_l{k}", nn.Parameter(torch.empty(width, layer_input, **kw)))
-            self.register_parameter(f"weight_hh_l{k}", nn.Parameter(torch.empty(width, hidden_size, **kw)))
-            for name in (f"bias_ih_l{k}", f"bias_hh_l{k}"):
-                self.register_parameter(name, nn.Parameter(torch.empty(width, **kw)) if bias else None)
-            self.add_module(f"norm_l{k}", build_norm(self.norm_type, width, hidden_size, config, **kw))
+            layer_input = input_size if k == 0 else hidden_size * self.num_directions
+            for sfx in self._suffixes:  # "" and, bidirectional, "_reverse": torch.nn's names
+                self.register_parameter(f"weight_ih_l{k}{sfx}", nn.Parameter(torch.empty(width, layer_input, **kw)))
+                self.register_parameter(f"weight_hh_l{k}{sfx}", nn.Parameter(torch.empty(width, hidden_size, **kw)))
+                for name in (f"bias_ih_l{k}{sfx}", f"bias_hh_l{k}{sfx}"):
+                    self.register_parameter(name, nn.Parameter(torch.empty(width, **kw)) if bias else None)
+                self.add_module(f"norm_l{k}{sfx}", build_norm(self.norm_type, width, hidden_size, config, **kw))
         self.reset_parameters()
+
+    @property
+    def _suffixes(self) -> tuple:
+        return ("", "_reverse")[:self.num_directions]
 
     def reset_parameters(self) -> None:
         bound = 1.0 / math.sqrt(self.hidden_size)
@@ -104,7 +108,7 @@ class _RecurrentLayers(nn.Module):
     def all_weights(self) -> list[list[nn.Parameter]]:
         """Per layer [weight_ih, weight_hh, bias_ih, bias_hh] (without the biases when bias=False), as torch.nn."""
         names = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if self.bias else ())
-        return [[getattr(self, f"{n}_l{k}") for n in names] for k in range(self.num_layers)]
+        return [[getattr(self, f"{n}_l{k}{sfx}") for n in names] for k in range(self.num_layers) for sfx in self._suffixes]
 
     def flatten_parameters(self) -> None:
         """A no-op, for code written for torch.nn: cuDNN's flat weight buffer does not apply here."""
@@ -133,8 +137,8 @@ class _RecurrentLayers(nn.Module):
             raise ValueError(f"weights do not match: missing {shared_missing}, unexpected {unexpected}")
         return layer
 
-    def _layer_params(self, k):
-        get = lambda name: getattr(self, f"{name}_l{k}")  # noqa: E731
+    def _layer_params(self, k, sfx=""):
+        get = lambda name: getattr(self, f"{name}_l{k}{sfx}")  # noqa: E731
         return get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"), get("norm")
 
     def _check_input(self, input):
@@ -152,7 +156,8 @@ class _RecurrentLayers(nn.Module):
 
     def _check_state(self, name, h, batch, unbatched):
         _checks.check_floating(name, h)
-        expected = (self.num_layers, self.hidden_size) if unbatched else (self.num_layers, batch, self.hidden_size)
+        layers = self.num_layers * self.num_directions
+        expected = (layers, self.hidden_size) if unbatched else (layers, batch, self.hidden_size)
         if tuple(h.shape) != expected:
             raise ValueError(f"{name} must have shape {expected}, got {tuple(h.shape)}")
         _checks.check_device(name, h, self.weight_ih_l0.device)
@@ -170,23 +175,37 @@ class _RecurrentLayers(nn.Module):
         return out.transpose(0, 1) if self.batch_first else out
 
     def _run_layers(self, x, h0, c0):
-        """x: (T, B, I) time-major; h0, c0: (num_layers, B, H). Returns out, [h_T], [c_T]."""
+        """x: (T, B, I) time-major; h0, c0: (num_layers * num_directions, B, H). Returns out, [h_T], [c_T].
+
+        The reverse direction runs the same recurrence over the time-reversed sequence: its normalizer's
+        samples come in its processing order, steps T-1 ... 0, rows in order within a step.
+        """
         h_n, c_n = [], []
         for k in range(self.num_layers):
-            w_ih, w_hh, b_ih, b_hh, norm = self._layer_params(k)
             if k > 0 and self.dropout > 0 and self.training:
                 x = F.dropout(x, self.dropout, training=True)
-            xproj = F.linear(x, w_ih, None if b_ih is None else b_ih + b_hh)
-            spec = RecurrenceSpec(self.cell, self.norm_type, self.hidden_size, self.config, self.nonlinearity,
-                                  self.training)
-            state = norm.state if self.norm_type == "online" else None
-            gamma, beta = (norm.weight, norm.bias) if norm is not None else (None, None)
-            recurrence = _pick_recurrence(self.backend, xproj.device, xproj.dtype)  # bf16 under autocast
-            x, h, c = recurrence(spec, state, xproj, h0[k], None if c0 is None else c0[k], w_hh, gamma, beta)
-            h_n.append(h)
-            c_n.append(c)
-            self._warn_if_skipped(x, k)
+            outs = []
+            for d, sfx in enumerate(self._suffixes):
+                i = k * self.num_directions + d
+                xin = x if d == 0 else x.flip(0)
+                out, h, c = self._run_direction(xin, k, sfx, h0[i], None if c0 is None else c0[i])
+                outs.append(out if d == 0 else out.flip(0))
+                h_n.append(h)
+                c_n.append(c)
+            x = torch.cat(outs, -1) if len(outs) > 1 else outs[0]
         return x, h_n, c_n
+
+    def _run_direction(self, x, k, sfx, h0, c0):
+        w_ih, w_hh, b_ih, b_hh, norm = self._layer_params(k, sfx)
+        xproj = F.linear(x, w_ih, None if b_ih is None else b_ih + b_hh)
+        spec = RecurrenceSpec(self.cell, self.norm_type, self.hidden_size, self.config, self.nonlinearity,
+                              self.training)
+        state = norm.state if self.norm_type == "online" else None
+        gamma, beta = (norm.weight, norm.bias) if norm is not None else (None, None)
+        recurrence = _pick_recurrence(self.backend, xproj.device, xproj.dtype)  # bf16 under autocast
+        out, h, c = recurrence(spec, state, xproj, h0, c0, w_hh, gamma, beta)
+        self._warn_if_skipped(out, f"{k}{sfx}")
+        return out, h, c
 
     def _warn_if_skipped(self, out, k):
         """Once per layer module, in training on CPU (a free check there): non-finite samples were skipped."""
@@ -207,6 +226,8 @@ class _RecurrentLayers(nn.Module):
             s += ", batch_first=True"
         if self.dropout:
             s += f", dropout={self.dropout}"
+        if self.bidirectional:
+            s += ", bidirectional=True"
         if self.backend != "auto":
             s += f", backend={self.backend!r}"
         return s
@@ -240,7 +261,7 @@ class LSTM(_RecurrentLayers):
         x, unbatched = self._to_time_major(input)
         B = x.shape[1]
         if hx is None:
-            h0 = c0 = x.new_zeros(self.num_layers, B, self.hidden_size)
+            h0 = c0 = x.new_zeros(self.num_layers * self.num_directions, B, self.hidden_size)
         else:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
                 raise TypeError("hx must be a tuple (h_0, c_0) for an LSTM")
@@ -279,7 +300,8 @@ class RNN(_RecurrentLayers):
         self._check_input(input)
         x, unbatched = self._to_time_major(input)
         B = x.shape[1]
-        h0 = x.new_zeros(self.num_layers, B, self.hidden_size) if hx is None else self._check_state("h_0", hx, B, unbatched)
+        h0 = x.new_zeros(self.num_layers * self.num_directions, B, self.hidden_size) if hx is None \
+            else self._check_state("h_0", hx, B, unbatched)
         out, h_n, _ = self._run_layers(x, h0, None)
         h_n = torch.stack(h_n)
         return self._from_time_major(out, unbatched), (h_n.squeeze(1) if unbatched else h_n)

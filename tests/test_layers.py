@@ -1,8 +1,11 @@
 """seqnorm.LSTM / seqnorm.RNN: the fused sequence Function against per-step cell autograd,
 torch.nn compatibility, state handling and input checks."""
+import copy
+
 import pytest
 import torch
 
+import reference
 import seqnorm
 from seqnorm import LSTMCell, RNNCell
 
@@ -307,8 +310,6 @@ def test_torch_nn_constructor_order_attributes_and_no_ops():
         assert [[w.shape for w in layer] for layer in ours.all_weights] == \
                [[w.shape for w in layer] for layer in ref.all_weights]
         ours.flatten_parameters()  # documented no-op, as client code calls it
-    with pytest.raises(NotImplementedError, match="bidirectional=True"):
-        seqnorm.LSTM(4, 8, bidirectional=True)
     with pytest.raises(NotImplementedError, match="proj_size"):
         seqnorm.LSTM(4, 8, proj_size=3)
 
@@ -324,6 +325,7 @@ def test_from_torch_reproduces_the_torch_module(cls, ref_cls, kw):
     assert cls.from_torch(ref).norm_type == "online"  # the normalizers start fresh
     with pytest.raises(TypeError, match="needs a torch.nn"):
         cls.from_torch(torch.nn.GRU(5, 7))
+    assert cls.from_torch(ref_cls(5, 7, bidirectional=True)).bidirectional
 
 
 class _Client(torch.nn.Module):
@@ -350,3 +352,72 @@ def test_whole_module_loads_with_weights_only_without_listing_seqnorm(tmp_path):
         assert torch.equal(loaded.state_dict()[key], value), key
     ids = torch.randint(0, 11, (4, 2))
     torch.testing.assert_close(loaded.eval()(ids), model.eval()(ids))
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("cls,ref_cls", [(seqnorm.LSTM, torch.nn.LSTM), (seqnorm.RNN, torch.nn.RNN)])
+def test_bidirectional_without_norm_equals_torch_nn(cls, ref_cls, batch_first):
+    torch.manual_seed(0)
+    ref = ref_cls(5, 7, num_layers=2, bidirectional=True, batch_first=batch_first)
+    ours = cls.from_torch(ref, norm=None)
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    x = torch.randn(3, 4, 5)
+    lstm = cls is seqnorm.LSTM
+    hx = tuple(torch.randn(4, 3 if batch_first else 4, 7) for _ in range(2 if lstm else 1))
+    results = []
+    for layer in (ours, ref):
+        xi, hi = x.clone().requires_grad_(), tuple(h.clone().requires_grad_() for h in hx)
+        out, fin = layer(xi, hi if lstm else hi[0])
+        fin = fin if lstm else (fin,)
+        (out.sin().sum() + sum((f * (k + 2)).cos().sum() for k, f in enumerate(fin))).backward()
+        results.append([out, *fin, xi.grad, *(h.grad for h in hi), *(q.grad for q in layer.parameters())])
+    for got, want in zip(*results):  # float32 against oneDNN's kernel: summation order differs
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+BACKENDS = [("torch", torch.float64), ("torch", torch.float32), ("cpu", torch.float32), ("triton", torch.float32)]
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_bidirectional_online_equals_per_step_loops(cell, backend, dtype):
+    """Each direction its own normalizer; the reverse one sees its samples in its order, steps T-1 ... 0."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    if backend != "torch" and torch.cuda.is_available():
+        pytest.skip("this test runs the fused backends on CPU tensors")
+    torch.manual_seed(0)
+    T, B, I, H = 4, 3, 5, 6
+    cls = seqnorm.LSTM if cell == "lstm" else seqnorm.RNN
+    ref = cls(I, H, bidirectional=True, alpha_fwd=0.9, alpha_bkw=0.8, dtype=torch.float64)
+    layer = copy.deepcopy(ref).to(dtype)
+    layer.backend = backend
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    hx = tuple(torch.randn(2, B, H, dtype=torch.float64) for _ in range(2 if cell == "lstm" else 1))
+    w = torch.randn(T, B, 2 * H, dtype=torch.float64)
+    params = dict(ref.named_parameters())
+    states = [reference.online_state(ref.gates * H, 0.9, 0.8, 1e-5) for _ in range(2)]
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    for call in range(2):  # the states carry over
+        xs = [x.clone().requires_grad_(), x.to(dtype).clone().requires_grad_()]
+        outs = []
+        for d, sfx in enumerate(("", "_reverse")):
+            p = {k.replace("_reverse", ""): v for k, v in params.items() if ("_reverse" in k) == (d == 1)}
+            seq = xs[0] if d == 0 else xs[0].flip(0)
+            out, _ = reference.layer_loop(p, cell, H, seq, tuple(h[d:d + 1] for h in hx), states[d])
+            outs.append(out if d == 0 else out.flip(0))
+        want = torch.cat(outs, -1)
+        got, _ = layer(xs[1], tuple(h.to(dtype) for h in hx) if cell == "lstm" else hx[0].to(dtype))
+        ref.zero_grad()
+        layer.zero_grad()
+        (want * w).sum().backward()
+        (got * w.to(dtype)).sum().backward()
+        torch.testing.assert_close(got.double(), want, **tol)
+        torch.testing.assert_close(xs[1].grad.double(), xs[0].grad, **tol)
+        for (name, q), (_, q_ref) in zip(layer.named_parameters(), ref.named_parameters()):
+            torch.testing.assert_close(q.grad.double(), q_ref.grad, **tol, msg=name)
+        for d, sfx in enumerate(("", "_reverse")):
+            norm = getattr(layer, f"norm_l0{sfx}")
+            for buf, key in zip((norm.running_mean, norm.running_var, norm.control_u, norm.control_v),
+                                ("mu", "var", "u", "v")):
+                torch.testing.assert_close(buf.double(), states[d][key], **tol, msg=f"{sfx} {key}")
