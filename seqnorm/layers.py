@@ -67,10 +67,11 @@ class _RecurrentLayers(nn.Module):
     def __init__(self, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size,
                  norm, config, nonlinearity, backend, device, dtype):
         super().__init__()
-        if proj_size:
-            raise NotImplementedError("proj_size > 0 is not supported yet; use proj_size=0")
-        self.bidirectional, self.proj_size = bool(bidirectional), 0
+        if not isinstance(proj_size, int) or isinstance(proj_size, bool) or not 0 <= proj_size < hidden_size:
+            raise ValueError(f"proj_size must be an int in [0, hidden_size={hidden_size}), got {proj_size!r}")
+        self.bidirectional, self.proj_size = bool(bidirectional), proj_size
         self.num_directions = 2 if bidirectional else 1
+        self.output_size = proj_size or hidden_size  # what h and each direction's output hold
         self.backend = backends.check_backend("backend", backend)
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -85,12 +86,16 @@ class _RecurrentLayers(nn.Module):
         kw = dict(device=device, dtype=dtype)
         width = self.gates * hidden_size
         for k in range(num_layers):
-            layer_input = input_size if k == 0 else hidden_size * self.num_directions
+            layer_input = input_size if k == 0 else self.output_size * self.num_directions
             for sfx in self._suffixes:  # "" and, bidirectional, "_reverse": torch.nn's names
                 self.register_parameter(f"weight_ih_l{k}{sfx}", nn.Parameter(torch.empty(width, layer_input, **kw)))
-                self.register_parameter(f"weight_hh_l{k}{sfx}", nn.Parameter(torch.empty(width, hidden_size, **kw)))
+                self.register_parameter(f"weight_hh_l{k}{sfx}",
+                                        nn.Parameter(torch.empty(width, self.output_size, **kw)))
                 for name in (f"bias_ih_l{k}{sfx}", f"bias_hh_l{k}{sfx}"):
                     self.register_parameter(name, nn.Parameter(torch.empty(width, **kw)) if bias else None)
+                if proj_size:  # h = W_hr (o * tanh c)
+                    self.register_parameter(f"weight_hr_l{k}{sfx}",
+                                            nn.Parameter(torch.empty(proj_size, hidden_size, **kw)))
                 self.add_module(f"norm_l{k}{sfx}", build_norm(self.norm_type, width, hidden_size, config, **kw))
         self.reset_parameters()
 
@@ -107,7 +112,8 @@ class _RecurrentLayers(nn.Module):
     @property
     def all_weights(self) -> list[list[nn.Parameter]]:
         """Per layer [weight_ih, weight_hh, bias_ih, bias_hh] (without the biases when bias=False), as torch.nn."""
-        names = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if self.bias else ())
+        names = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if self.bias else ()) + \
+            (("weight_hr",) if self.proj_size else ())
         return [[getattr(self, f"{n}_l{k}{sfx}") for n in names] for k in range(self.num_layers) for sfx in self._suffixes]
 
     def flatten_parameters(self) -> None:
@@ -138,8 +144,8 @@ class _RecurrentLayers(nn.Module):
         return layer
 
     def _layer_params(self, k, sfx=""):
-        get = lambda name: getattr(self, f"{name}_l{k}{sfx}")  # noqa: E731
-        return get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"), get("norm")
+        get = lambda name: getattr(self, f"{name}_l{k}{sfx}", None)  # noqa: E731
+        return get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"), get("norm"), get("weight_hr")
 
     def _check_input(self, input):
         if isinstance(input, PackedSequence):
@@ -154,10 +160,10 @@ class _RecurrentLayers(nn.Module):
         _checks.check_device("input", input, self.weight_ih_l0.device)
         _checks.check_dtype_matches("input", input, self.weight_ih_l0)
 
-    def _check_state(self, name, h, batch, unbatched):
+    def _check_state(self, name, h, batch, unbatched, size):
         _checks.check_floating(name, h)
         layers = self.num_layers * self.num_directions
-        expected = (layers, self.hidden_size) if unbatched else (layers, batch, self.hidden_size)
+        expected = (layers, size) if unbatched else (layers, batch, size)
         if tuple(h.shape) != expected:
             raise ValueError(f"{name} must have shape {expected}, got {tuple(h.shape)}")
         _checks.check_device(name, h, self.weight_ih_l0.device)
@@ -196,14 +202,14 @@ class _RecurrentLayers(nn.Module):
         return x, h_n, c_n
 
     def _run_direction(self, x, k, sfx, h0, c0):
-        w_ih, w_hh, b_ih, b_hh, norm = self._layer_params(k, sfx)
+        w_ih, w_hh, b_ih, b_hh, norm, w_hr = self._layer_params(k, sfx)
         xproj = F.linear(x, w_ih, None if b_ih is None else b_ih + b_hh)
         spec = RecurrenceSpec(self.cell, self.norm_type, self.hidden_size, self.config, self.nonlinearity,
                               self.training)
         state = norm.state if self.norm_type == "online" else None
         gamma, beta = (norm.weight, norm.bias) if norm is not None else (None, None)
         recurrence = _pick_recurrence(self.backend, xproj.device, xproj.dtype)  # bf16 under autocast
-        out, h, c = recurrence(spec, state, xproj, h0, c0, w_hh, gamma, beta)
+        out, h, c = recurrence(spec, state, xproj, h0, c0, w_hh, gamma, beta, w_hr)
         self._warn_if_skipped(out, f"{k}{sfx}")
         return out, h, c
 
@@ -228,6 +234,8 @@ class _RecurrentLayers(nn.Module):
             s += f", dropout={self.dropout}"
         if self.bidirectional:
             s += ", bidirectional=True"
+        if self.proj_size:
+            s += f", proj_size={self.proj_size}"
         if self.backend != "auto":
             s += f", backend={self.backend!r}"
         return s
@@ -261,12 +269,13 @@ class LSTM(_RecurrentLayers):
         x, unbatched = self._to_time_major(input)
         B = x.shape[1]
         if hx is None:
-            h0 = c0 = x.new_zeros(self.num_layers * self.num_directions, B, self.hidden_size)
+            h0 = x.new_zeros(self.num_layers * self.num_directions, B, self.output_size)
+            c0 = x.new_zeros(self.num_layers * self.num_directions, B, self.hidden_size)
         else:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
                 raise TypeError("hx must be a tuple (h_0, c_0) for an LSTM")
-            h0 = self._check_state("h_0", hx[0], B, unbatched)
-            c0 = self._check_state("c_0", hx[1], B, unbatched)
+            h0 = self._check_state("h_0", hx[0], B, unbatched, self.output_size)
+            c0 = self._check_state("c_0", hx[1], B, unbatched, self.hidden_size)
         out, h_n, c_n = self._run_layers(x, h0, c0)
         h_n, c_n = torch.stack(h_n), torch.stack(c_n)
         if unbatched:
@@ -301,7 +310,7 @@ class RNN(_RecurrentLayers):
         x, unbatched = self._to_time_major(input)
         B = x.shape[1]
         h0 = x.new_zeros(self.num_layers * self.num_directions, B, self.hidden_size) if hx is None \
-            else self._check_state("h_0", hx, B, unbatched)
+            else self._check_state("h_0", hx, B, unbatched, self.hidden_size)
         out, h_n, _ = self._run_layers(x, h0, None)
         h_n = torch.stack(h_n)
         return self._from_time_major(out, unbatched), (h_n.squeeze(1) if unbatched else h_n)

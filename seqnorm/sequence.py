@@ -420,8 +420,9 @@ class _RNNStep:
         return None
 
 
-def _forward_pass(spec, state, xp, h0, c0, w, g, b, safe):
-    """All T steps; returns the normalizer and cell steps (holding what the backward needs) and h (T+1, B, H)."""
+def _forward_pass(spec, state, xp, h0, c0, w, g, b, w_hr, safe):
+    """All T steps; returns the normalizer and cell steps (holding what the backward needs), h (T+1, B, P) and,
+    with a projection (LSTM proj_size P), m = o * tanh(c) (T, B, H) with h = m W_hr^T; else m is None."""
     T, B, _ = xp.shape
     dtype, device = xp.dtype, xp.device
     norm = NORM_STEPS[spec.norm](spec, state, g, b, T, B, dtype, device, safe)
@@ -429,45 +430,58 @@ def _forward_pass(spec, state, xp, h0, c0, w, g, b, safe):
         cell = _LSTMStep(spec.hidden_size, T, B, dtype, device, c0.to(dtype))
     else:
         cell = _RNNStep(spec.hidden_size, T, B, dtype, device, spec.nonlinearity)
-    h_all = torch.empty(T + 1, B, spec.hidden_size, dtype=dtype, device=device)
+    h_all = torch.empty(T + 1, B, h0.shape[-1], dtype=dtype, device=device)
     h_all[0] = h0
+    m_all = None if w_hr is None else torch.empty(T, B, spec.hidden_size, dtype=dtype, device=device)
     h_steps, xp_steps, w_t = _steps(h_all), _steps(xp), w.t()
     for t in range(T):
         torch.addmm(xp_steps[t], h_steps[t], w_t, out=norm.pre_buffer(t))
-        cell.forward(norm.forward(t), t, h_steps[t + 1])
-    return norm, cell, h_all
+        if w_hr is None:
+            cell.forward(norm.forward(t), t, h_steps[t + 1])
+        else:
+            cell.forward(norm.forward(t), t, m_all[t])
+            torch.mm(m_all[t], w_hr.t(), out=h_steps[t + 1])
+    return norm, cell, h_all, m_all
 
 
-def _backward_pass(norm, cell, w, d_out_steps, d_hn, d_cn, T, B, H, dtype, device, safe):
-    """Steps T-1..0; returns dL/dpre (T, B, G*H) and dL/dh0."""
-    dh = torch.zeros(B, H, dtype=dtype, device=device) if d_hn is None else d_hn.to(dtype).clone()
-    dc = torch.zeros_like(dh) if d_cn is None else d_cn.to(dtype)
+def _backward_pass(norm, cell, w, w_hr, d_out_steps, d_hn, d_cn, T, B, H, P, dtype, device, safe):
+    """Steps T-1..0; returns dL/dpre (T, B, G*H), dL/dh0 and, with a projection, dL/dh of every step (T, B, P)."""
+    dh = torch.zeros(B, P, dtype=dtype, device=device) if d_hn is None else d_hn.to(dtype).clone()
+    dc = torch.zeros(B, H, dtype=dtype, device=device) if d_cn is None else d_cn.to(dtype)
     norm.start_backward(B, safe)
     cell.start_backward(dc)
     d_pre = torch.empty(T, B, w.shape[0], dtype=dtype, device=device)
     d_pre_steps = _steps(d_pre)
+    dh_all = None if w_hr is None else torch.empty(T, B, P, dtype=dtype, device=device)
     for t in range(T - 1, -1, -1):
         if d_out_steps is not None:
             dh.add_(d_out_steps[t])
-        norm.backward(cell.backward(dh, t), t, d_pre_steps[t])
+        dm = dh
+        if w_hr is not None:  # h = m W_hr^T
+            dh_all[t].copy_(dh)
+            dm = dh @ w_hr
+        norm.backward(cell.backward(dm, t), t, d_pre_steps[t])
         torch.mm(d_pre_steps[t], w, out=dh)
-    return d_pre, dh
+    return d_pre, dh, dh_all
 
 
 class RecurrenceFunction(torch.autograd.Function):
-    """(spec, state, xproj (T,B,G*H), h0 (B,H), c0 (B,H) or None, w_hh, gamma, beta) -> out, h_T, c_T."""
+    """(spec, state, xproj (T,B,G*H), h0 (B,P), c0 (B,H) or None, w_hh (G*H,P), gamma, beta, w_hr (P,H) or None)
+    -> out (T,B,P), h_T, c_T.  P = H without a projection (w_hr None)."""
 
     @staticmethod
-    def forward(ctx, spec, state, xproj, h0, c0, w_hh, gamma, beta):
+    def forward(ctx, spec, state, xproj, h0, c0, w_hh, gamma, beta, w_hr):
         dtype = torch.promote_types(xproj.dtype, torch.float32)
         xp, w = xproj.to(dtype), w_hh.to(dtype)
         g, b = (None, None) if gamma is None else (gamma.to(dtype), beta.to(dtype))
-        norm, cell, h_all = _forward_pass(spec, state, xp, h0, c0, w, g, b, safe=False)
+        wr = None if w_hr is None else w_hr.to(dtype)
+        norm, cell, h_all, m_all = _forward_pass(spec, state, xp, h0, c0, w, g, b, wr, safe=False)
         if not norm.state_finite():  # a non-finite sample: again, row by row, skipping its updates
-            norm, cell, h_all = _forward_pass(spec, state, xp, h0, c0, w, g, b, safe=True)
+            norm, cell, h_all, m_all = _forward_pass(spec, state, xp, h0, c0, w, g, b, wr, safe=True)
         norm.finish_forward()
-        ctx.spec, ctx.norm, ctx.cell, ctx.w = spec, norm, cell, w
-        ctx.dtypes = (xproj.dtype, h0.dtype, None if c0 is None else c0.dtype, w_hh.dtype, None if gamma is None else gamma.dtype)
+        ctx.spec, ctx.norm, ctx.cell, ctx.w, ctx.w_hr, ctx.m_all = spec, norm, cell, w, wr, m_all
+        ctx.dtypes = (xproj.dtype, h0.dtype, None if c0 is None else c0.dtype, w_hh.dtype,
+                      None if gamma is None else gamma.dtype, None if w_hr is None else w_hr.dtype)
         ctx.save_for_backward(h_all)
         c_last = cell.final_cell()
         return h_all[1:].to(xproj.dtype), h_all[-1].to(xproj.dtype), None if c_last is None else c_last.to(xproj.dtype)
@@ -475,19 +489,21 @@ class RecurrenceFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn):
         (h_all,) = ctx.saved_tensors
-        norm, cell, w = ctx.norm, ctx.cell, ctx.w
-        T, B, H = h_all.shape[0] - 1, h_all.shape[1], h_all.shape[2]
-        args = (norm, cell, w, None if d_out is None else _steps(d_out.to(h_all.dtype)), d_hn, d_cn, T, B, H,
+        norm, cell, w, w_hr = ctx.norm, ctx.cell, ctx.w, ctx.w_hr
+        T, B, P, H = h_all.shape[0] - 1, h_all.shape[1], h_all.shape[2], ctx.spec.hidden_size
+        args = (norm, cell, w, w_hr, None if d_out is None else _steps(d_out.to(h_all.dtype)), d_hn, d_cn, T, B, H, P,
                 h_all.dtype, h_all.device)
-        d_pre, dh = _backward_pass(*args, safe=False)
+        d_pre, dh, dh_all = _backward_pass(*args, safe=False)
         if not norm.control_finite():
-            d_pre, dh = _backward_pass(*args, safe=True)
+            d_pre, dh, dh_all = _backward_pass(*args, safe=True)
         norm.finish_backward()
-        d_w = torch.mm(d_pre.view(T * B, -1).t(), h_all[:-1].reshape(T * B, H))
+        d_w = torch.mm(d_pre.view(T * B, -1).t(), h_all[:-1].reshape(T * B, P))
+        d_w_hr = None if w_hr is None else torch.mm(dh_all.view(T * B, P).t(), ctx.m_all.view(T * B, H))
         d_gamma, d_beta = norm.param_grads()
-        x_dt, h_dt, c_dt, w_dt, g_dt = ctx.dtypes
+        x_dt, h_dt, c_dt, w_dt, g_dt, r_dt = ctx.dtypes
         dc0 = cell.initial_cell_grad()
         return (
             None, None, d_pre.to(x_dt), dh.to(h_dt), None if dc0 is None else dc0.to(c_dt), d_w.to(w_dt),
             None if d_gamma is None else d_gamma.to(g_dt), None if d_beta is None else d_beta.to(g_dt),
+            None if d_w_hr is None else d_w_hr.to(r_dt),
         )

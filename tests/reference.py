@@ -91,7 +91,8 @@ def online_state(features, alpha_fwd, alpha_bkw, v_decay_min, skip_nonfinite=Fal
 def layer_loop(params, cell, hidden_size, x, hx, st):
     """One online-normalized LSTM/RNN (tanh) layer, DESIGN §3, one step at a time, differentiated by autograd:
     norm(W_ih x + b_ih + W_hh h + b_hh) with one state ``st`` for all steps, affine, layer scaling per gate, cell.
-    ``params``: the layer's named parameters (weight_ih_l0, ..., norm_l0.weight, norm_l0.bias)."""
+    ``params``: the layer's named parameters (weight_ih_l0, ..., weight_hr_l0 with a projection,
+    norm_l0.weight, norm_l0.bias)."""
     p, H = params, hidden_size
     h, c = hx[0][0], hx[1][0] if cell == "lstm" else None
     outs = []
@@ -102,6 +103,8 @@ def layer_loop(params, cell, hidden_size, x, hx, st):
             i, f, g, o = z.chunk(4, 1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(c)
+            if "weight_hr_l0" in p:  # proj_size: h = W_hr (o * tanh c)
+                h = h @ p["weight_hr_l0"].T
         else:
             h = torch.tanh(z)
         outs.append(h)

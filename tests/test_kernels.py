@@ -131,7 +131,7 @@ def test_triton_split_over_programs(cell, norm, ecm, training):
     torch.manual_seed(1)
     args = [torch.randn(T, B, G * H, device=DEVICE), torch.randn(B, H, device=DEVICE),
             torch.randn(B, H, device=DEVICE) if cell == "lstm" else None, torch.randn(G * H, H, device=DEVICE) * 0.5,
-            1 + 0.3 * torch.randn(G * H, device=DEVICE), 0.3 * torch.randn(G * H, device=DEVICE)]
+            1 + 0.3 * torch.randn(G * H, device=DEVICE), 0.3 * torch.randn(G * H, device=DEVICE), None]
     results = []
     small_blocks = lambda spec, batch, dtype: step.TritonStep(spec, batch, dtype, max_block_h=2)  # noqa: E731
     for fn in (RecurrenceFunction.apply, lambda *a: recurrence.FusedRecurrenceFunction.apply(*a, small_blocks)):
@@ -204,7 +204,7 @@ def test_bad_backend_arguments(monkeypatch):
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         seqnorm.RNN(4, 5, backend="triton")(torch.randn(2, 1, 4))
     monkeypatch.setattr(backends, "triton_installed", lambda: False)
-    with pytest.raises(RuntimeError, match="pip install triton"):
+    with pytest.raises(RuntimeError, match=r"pip install 'seqnorm\[triton\]'"):
         seqnorm.RNN(4, 5, backend="triton")(torch.randn(2, 1, 4))
 
 

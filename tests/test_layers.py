@@ -310,8 +310,8 @@ def test_torch_nn_constructor_order_attributes_and_no_ops():
         assert [[w.shape for w in layer] for layer in ours.all_weights] == \
                [[w.shape for w in layer] for layer in ref.all_weights]
         ours.flatten_parameters()  # documented no-op, as client code calls it
-    with pytest.raises(NotImplementedError, match="proj_size"):
-        seqnorm.LSTM(4, 8, proj_size=3)
+    with pytest.raises(ValueError, match="proj_size"):
+        seqnorm.LSTM(4, 8, proj_size=8)
 
 
 @pytest.mark.parametrize("cls,ref_cls,kw", [(seqnorm.LSTM, torch.nn.LSTM, {}),
@@ -421,3 +421,59 @@ def test_bidirectional_online_equals_per_step_loops(cell, backend, dtype):
             for buf, key in zip((norm.running_mean, norm.running_var, norm.control_u, norm.control_v),
                                 ("mu", "var", "u", "v")):
                 torch.testing.assert_close(buf.double(), states[d][key], **tol, msg=f"{sfx} {key}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_proj_size_without_norm_equals_torch_nn(backend, batch_first):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(5, 7, num_layers=2, proj_size=3, bidirectional=True, batch_first=batch_first)
+    ours = seqnorm.LSTM.from_torch(ref, norm=None, backend=backend)
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    assert [[w.shape for w in ws] for ws in ours.all_weights] == [[w.shape for w in ws] for ws in ref.all_weights]
+    x = torch.randn(3, 4, 5)
+    hx = (torch.randn(4, 3 if batch_first else 4, 3), torch.randn(4, 3 if batch_first else 4, 7))
+    results = []
+    for layer in (ours, ref):
+        xi, hi = x.clone().requires_grad_(), tuple(h.clone().requires_grad_() for h in hx)
+        out, (h_n, c_n) = layer(xi, hi)
+        assert out.shape[-1] == 6 and h_n.shape[-1] == 3 and c_n.shape[-1] == 7
+        (out.sin().sum() + (2 * h_n).cos().sum() + (3 * c_n).cos().sum()).backward()
+        results.append([out, h_n, c_n, xi.grad, *(h.grad for h in hi), *(q.grad for q in layer.parameters())])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS, ids=lambda v: str(v).replace("torch.", ""))
+def test_proj_size_online_equals_per_step_loop(backend, dtype):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    if backend != "torch" and torch.cuda.is_available():
+        pytest.skip("this test runs the fused backends on CPU tensors")
+    torch.manual_seed(0)
+    T, B, I, H, P = 4, 3, 5, 6, 4
+    ref = seqnorm.LSTM(I, H, proj_size=P, alpha_fwd=0.9, alpha_bkw=0.8, dtype=torch.float64)
+    layer = copy.deepcopy(ref).to(dtype)
+    layer.backend = backend
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    hx = (torch.randn(1, B, P, dtype=torch.float64), torch.randn(1, B, H, dtype=torch.float64))
+    w = torch.randn(T, B, P, dtype=torch.float64)
+    st = reference.online_state(4 * H, 0.9, 0.8, 1e-5)
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    for call in range(2):
+        xs = [x.clone().requires_grad_(), x.to(dtype).clone().requires_grad_()]
+        want, (h_want, c_want) = reference.layer_loop(dict(ref.named_parameters()), "lstm", H, xs[0], hx, st)
+        got, (h_got, c_got) = layer(xs[1], tuple(h.to(dtype) for h in hx))
+        ref.zero_grad()
+        layer.zero_grad()
+        ((want * w).sum() + h_want.sin().sum() + c_want.cos().sum()).backward()
+        ((got * w.to(dtype)).sum() + h_got.sin().sum() + c_got.cos().sum()).backward()
+        for a, b in ((got, want), (h_got, h_want), (c_got, c_want), (xs[1].grad, xs[0].grad)):
+            torch.testing.assert_close(a.double(), b, **tol)
+        for (name, q), (_, q_ref) in zip(layer.named_parameters(), ref.named_parameters()):
+            torch.testing.assert_close(q.grad.double(), q_ref.grad, **tol, msg=name)
+        norm = layer.norm_l0
+        for buf, key in zip((norm.running_mean, norm.running_var, norm.control_u, norm.control_v), ("mu", "var", "u", "v")):
+            torch.testing.assert_close(buf.double(), st[key], **tol, msg=key)

@@ -15,6 +15,10 @@ iz, gamma, beta, mu, var)`` and ``backward(dh, d_out, dc, act, c_prev, c_next,
 y, s, iz, gamma, beta, da, dx, u, v)``.  Activations (xproj, h, the matmuls)
 stay in the input dtype; everything saved for the backward, the memory cell,
 the statistics and the control state are float32.
+
+With a projection (LSTM ``proj_size`` P, ``w_hr`` (P, H)) the kernel's h output
+is m = o * tanh(c), and h = m W_hr^T is one more matmul per step; in the
+backward dm = dh W_hr goes to the kernel as its dh.
 """
 import torch
 
@@ -25,10 +29,11 @@ def _steps(buffer, count):
 
 
 class FusedRecurrenceFunction(torch.autograd.Function):
-    """(spec, state, xproj (T,B,G*H), h0, c0 or None, w_hh, gamma, beta, make_step) -> out, h_T, c_T."""
+    """(spec, state, xproj (T,B,G*H), h0 (B,P), c0 or None, w_hh, gamma, beta, w_hr or None, make_step)
+    -> out (T,B,P), h_T, c_T."""
 
     @staticmethod
-    def forward(ctx, spec, state, xproj, h0, c0, w_hh, gamma, beta, make_step):
+    def forward(ctx, spec, state, xproj, h0, c0, w_hh, gamma, beta, w_hr, make_step):
         T, B, GH = xproj.shape
         H, dtype, device = spec.hidden_size, xproj.dtype, xproj.device
         f32 = dict(dtype=torch.float32, device=device)
@@ -36,8 +41,10 @@ class FusedRecurrenceFunction(torch.autograd.Function):
         lstm, normed, c = spec.cell == "lstm", spec.norm is not None, spec.config
         kernel = make_step(spec, B, dtype)
         w = w_hh.to(dtype)
-        h_all = xproj.new_empty(T + 1, B, H)
+        h_all = xproj.new_empty(T + 1, B, h0.shape[-1])
         h_all[0] = h0
+        wr = None if w_hr is None else w_hr.to(dtype)
+        m_all = h_all[1:] if wr is None else xproj.new_empty(T, B, H)  # what the kernel writes: m = o tanh(c)
         c_all = torch.empty(T + 1, B, H, **f32) if lstm else none
         if lstm:
             c_all[0] = c0
@@ -48,27 +55,29 @@ class FusedRecurrenceFunction(torch.autograd.Function):
         g, b = (gamma.float().contiguous(), beta.float().contiguous()) if gamma is not None else (none, none)
         mu, var = (state.mu, state.var) if spec.norm == "online" else (none, none)
         steps = lambda buf: _steps(buf, T + 1)  # noqa: E731
-        h_s, c_s, act_s, y_s, s_s, iz_s = map(steps, (h_all, c_all, act, y_all, s_all, iz))
+        h_s, m_s, c_s, act_s, y_s, s_s, iz_s = map(steps, (h_all, m_all, c_all, act, y_all, s_all, iz))
         pre, w_t = xproj.new_empty(B, GH), w.t()
         with torch.autocast(device.type, enabled=False):
             for t in range(T):
                 torch.addmm(xproj[t], h_s[t], w_t, out=pre)
-                kernel.forward(pre, c_s[t], c_s[t + 1], h_s[t + 1], act_s[t], y_s[t], s_s[t], iz_s[t], g, b, mu, var)
-        ctx.spec, ctx.kernel, ctx.state, ctx.w, ctx.gamma, ctx.beta = spec, kernel, state, w, g, b
-        ctx.saved = (h_all, c_all, act, y_all, s_all, iz)
+                kernel.forward(pre, c_s[t], c_s[t + 1], m_s[t], act_s[t], y_s[t], s_s[t], iz_s[t], g, b, mu, var)
+                if wr is not None:
+                    torch.mm(m_s[t], wr.t(), out=h_s[t + 1])
+        ctx.spec, ctx.kernel, ctx.state, ctx.w, ctx.gamma, ctx.beta, ctx.w_hr = spec, kernel, state, w, g, b, wr
+        ctx.saved = (h_all, m_all, c_all, act, y_all, s_all, iz)
         ctx.dtypes = (xproj.dtype, h0.dtype, None if c0 is None else c0.dtype, w_hh.dtype,
-                      None if gamma is None else gamma.dtype)
+                      None if gamma is None else gamma.dtype, None if w_hr is None else w_hr.dtype)
         return h_all[1:], h_all[-1], c_all[-1].to(dtype) if lstm else None
 
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn):
-        spec, kernel, w, g, b = ctx.spec, ctx.kernel, ctx.w, ctx.gamma, ctx.beta
-        h_all, c_all, act, y_all, s_all, iz = ctx.saved
+        spec, kernel, w, g, b, wr = ctx.spec, ctx.kernel, ctx.w, ctx.gamma, ctx.beta, ctx.w_hr
+        h_all, m_all, c_all, act, y_all, s_all, iz = ctx.saved
         T, B, GH = act.shape
-        H, dtype, device, c = spec.hidden_size, h_all.dtype, h_all.device, spec.config
+        H, P, dtype, device, c = spec.hidden_size, h_all.shape[-1], h_all.dtype, h_all.device, spec.config
         none = torch.empty(1, dtype=torch.float32, device=device)
         lstm, affine = spec.cell == "lstm", spec.norm is not None and c.affine
-        dh = torch.zeros(B, H, dtype=dtype, device=device) if d_hn is None else d_hn.to(dtype).contiguous().clone()
+        dh = torch.zeros(B, P, dtype=dtype, device=device) if d_hn is None else d_hn.to(dtype).contiguous().clone()
         dc = none
         if lstm:
             dc = torch.zeros(B, H, dtype=torch.float32, device=device) if d_cn is None else d_cn.float().contiguous().clone()
@@ -78,17 +87,28 @@ class FusedRecurrenceFunction(torch.autograd.Function):
         steps = lambda buf: _steps(buf, T + 1)  # noqa: E731
         c_s, act_s, y_s, s_s, iz_s, da_s, dx_s = map(steps, (c_all, act, y_all, s_all, iz, da, d_pre))
         d_out_s = (None,) * T if d_out is None else steps(d_out.to(dtype).contiguous())
+        dh_all = None if wr is None else torch.empty(T, B, P, dtype=dtype, device=device)
+        dm = None if wr is None else torch.empty(B, H, dtype=dtype, device=device)
         with torch.autocast(device.type, enabled=False):
             for t in range(T - 1, -1, -1):
-                kernel.backward(dh, d_out_s[t], dc, act_s[t], c_s[t], c_s[t + 1], y_s[t], s_s[t], iz_s[t], g, b,
+                d_kernel, d_out_t = dh, d_out_s[t]
+                if wr is not None:  # h = m W_hr^T: the kernel gets dm = (dh + d_out) W_hr as its dh
+                    if d_out_t is None:
+                        dh_all[t].copy_(dh)
+                    else:
+                        torch.add(dh, d_out_t, out=dh_all[t])
+                    d_kernel, d_out_t = torch.mm(dh_all[t], wr, out=dm), None
+                kernel.backward(d_kernel, d_out_t, dc, act_s[t], c_s[t], c_s[t + 1], y_s[t], s_s[t], iz_s[t], g, b,
                                 da_s[t], dx_s[t], u, v)
                 torch.mm(dx_s[t], w, out=dh)
-            d_w = torch.mm(d_pre.view(T * B, GH).t(), h_all[:-1].reshape(T * B, H))
+            d_w = torch.mm(d_pre.view(T * B, GH).t(), h_all[:-1].reshape(T * B, P))
+            d_w_hr = None if wr is None else torch.mm(dh_all.view(T * B, P).t(), m_all.reshape(T * B, H))
         d_gamma = d_beta = None
         if affine:
             d_gamma, d_beta = (da * y_all).sum((0, 1)), da.sum((0, 1))
-        x_dt, h_dt, c_dt, w_dt, g_dt = ctx.dtypes
+        x_dt, h_dt, c_dt, w_dt, g_dt, r_dt = ctx.dtypes
         return (
             None, None, d_pre.to(x_dt), dh.to(h_dt), dc.to(c_dt) if lstm else None, d_w.to(w_dt),
-            None if d_gamma is None else d_gamma.to(g_dt), None if d_beta is None else d_beta.to(g_dt), None,
+            None if d_gamma is None else d_gamma.to(g_dt), None if d_beta is None else d_beta.to(g_dt),
+            None if d_w_hr is None else d_w_hr.to(r_dt), None,
         )
