@@ -12,7 +12,7 @@ from torch import nn
 
 import seqnorm
 
-from .config import CELLS, NORMS, ModelConfig  # noqa: F401  (re-exported)
+from .config import ModelConfig
 
 def build_recurrent(cfg: ModelConfig) -> nn.Module:
     dropout = cfg.dropout if cfg.nlayers > 1 else 0.0

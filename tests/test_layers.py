@@ -7,6 +7,7 @@ import torch
 
 import reference
 import seqnorm
+from layer_helpers import BACKEND_IDS, BACKENDS, require
 from seqnorm import LSTMCell, RNNCell
 
 F64 = torch.float64
@@ -375,17 +376,11 @@ def test_bidirectional_without_norm_equals_torch_nn(cls, ref_cls, batch_first):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-BACKENDS = [("torch", torch.float64), ("torch", torch.float32), ("cpu", torch.float32), ("triton", torch.float32)]
-
-
-@pytest.mark.parametrize("backend,dtype", BACKENDS, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("backend,dtype", BACKENDS, ids=BACKEND_IDS)
 @pytest.mark.parametrize("cell", ["lstm", "rnn"])
 def test_bidirectional_online_equals_per_step_loops(cell, backend, dtype):
     """Each direction its own normalizer; the reverse one sees its samples in its order, steps T-1 ... 0."""
-    if backend == "triton":
-        pytest.importorskip("triton")
-    if backend != "torch" and torch.cuda.is_available():
-        pytest.skip("this test runs the fused backends on CPU tensors")
+    require(backend)
     torch.manual_seed(0)
     T, B, I, H = 4, 3, 5, 6
     cls = seqnorm.LSTM if cell == "lstm" else seqnorm.RNN
@@ -426,8 +421,7 @@ def test_bidirectional_online_equals_per_step_loops(cell, backend, dtype):
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_proj_size_without_norm_equals_torch_nn(backend, batch_first):
-    if backend == "triton":
-        pytest.importorskip("triton")
+    require(backend)
     torch.manual_seed(0)
     ref = torch.nn.LSTM(5, 7, num_layers=2, proj_size=3, bidirectional=True, batch_first=batch_first)
     ours = seqnorm.LSTM.from_torch(ref, norm=None, backend=backend)
@@ -446,12 +440,9 @@ def test_proj_size_without_norm_equals_torch_nn(backend, batch_first):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend,dtype", BACKENDS, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("backend,dtype", BACKENDS, ids=BACKEND_IDS)
 def test_proj_size_online_equals_per_step_loop(backend, dtype):
-    if backend == "triton":
-        pytest.importorskip("triton")
-    if backend != "torch" and torch.cuda.is_available():
-        pytest.skip("this test runs the fused backends on CPU tensors")
+    require(backend)
     torch.manual_seed(0)
     T, B, I, H, P = 4, 3, 5, 6, 4
     ref = seqnorm.LSTM(I, H, proj_size=P, alpha_fwd=0.9, alpha_bkw=0.8, dtype=torch.float64)

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from lm import compare, load_model
-from lm.batching import batchify
 from lm.checkpoint import CheckpointError, load_checkpoint
 from lm.evaluate import evaluate
 from lm.generate import generate

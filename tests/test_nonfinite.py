@@ -14,6 +14,7 @@ import torch
 
 import reference
 import seqnorm
+from layer_helpers import BACKEND_IDS, BACKENDS, forward_backward, require
 from seqnorm import OnlineNorm
 
 F64 = torch.float64
@@ -66,37 +67,10 @@ def test_online_norm_skips_nonfinite_updates(impl, ecm):
         torch.testing.assert_close(buf, want, rtol=1e-9, atol=1e-9)
 
 
-def run(layer, x, hx, weights, st=None):
-    x = x.clone().requires_grad_()
-    hx = tuple(h.clone().requires_grad_() for h in hx)
-    if st is None:
-        out, finals = layer(x, hx if layer.cell == "lstm" else hx[0])
-        finals = finals if layer.cell == "lstm" else (finals,)
-    else:
-        out, finals = reference.layer_loop(dict(layer.named_parameters()), layer.cell, layer.hidden_size, x, hx, st)
-    loss = (out * weights).sum() + sum(f.sin().sum() for f in finals)
-    layer.zero_grad()
-    loss.backward()
-    got = {"out": out, "dx": x.grad, **{f"final{k}": f for k, f in enumerate(finals)},
-           **{f"grad.{n}": q.grad for n, q in layer.named_parameters()}}
-    if st is None:
-        norm = layer.norm_l0
-        got.update(mu=norm.running_mean, var=norm.running_var, u=norm.control_u, v=norm.control_v)
-    else:
-        got.update(mu=st["mu"], var=st["var"], u=st["u"], v=st["v"])
-    return {k: t.detach().clone() for k, t in got.items()}
-
-
-BACKENDS = [("torch", F64), ("torch", torch.float32), ("cpu", torch.float32), ("triton", torch.float32)]
-
-
-@pytest.mark.parametrize("backend,dtype", BACKENDS, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("backend,dtype", BACKENDS, ids=BACKEND_IDS)
 @pytest.mark.parametrize("cell", ["lstm", "rnn"])
 def test_layer_skips_nonfinite_samples_then_trains_on(cell, backend, dtype):
-    if backend == "triton":
-        pytest.importorskip("triton")
-    if backend != "torch" and torch.cuda.is_available():
-        pytest.skip("this test runs the fused backends on CPU tensors")
+    require(backend)
     torch.manual_seed(0)
     T, B, I, H = 4, 3, 5, 6
     cls = seqnorm.LSTM if cell == "lstm" else seqnorm.RNN
@@ -113,8 +87,8 @@ def test_layer_skips_nonfinite_samples_then_trains_on(cell, backend, dtype):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         for x in (bad, torch.randn(T, B, I, dtype=F64)):  # the poisoned call, then a clean one
-            want = run(ref, x, hx, weights, st)
-            got = run(layer, x.to(dtype), tuple(h.to(dtype) for h in hx), weights.to(dtype))
+            want = forward_backward(ref, x, hx, weights, st)
+            got = forward_backward(layer, x.to(dtype), tuple(h.to(dtype) for h in hx), weights.to(dtype))
             for key in want:
                 torch.testing.assert_close(got[key].double(), want[key], **tol, equal_nan=True, msg=key)
             for key in ("mu", "var", "u", "v"):

@@ -13,6 +13,7 @@ import torch
 
 import reference
 import seqnorm
+from layer_helpers import BACKEND_IDS, BACKENDS, forward_backward, require
 from seqnorm import OnlineNorm, OnlineNormConfig
 
 F64 = torch.float64
@@ -93,39 +94,11 @@ def test_config_fields_as_keywords_reach_the_normalizer():
 # --- layers: every backend against a float64 per-step loop ----------------------------------------
 
 
-def forward_backward(layer, x, hx, weights, st=None):
-    """Output, finals, every gradient and the ON state after the backward (reference when ``st`` is given)."""
-    x = x.clone().requires_grad_()
-    hx = tuple(h.clone().requires_grad_() for h in hx)
-    if st is None:
-        out, finals = layer(x, hx if layer.cell == "lstm" else hx[0])
-        finals = finals if layer.cell == "lstm" else (finals,)
-    else:
-        out, finals = reference.layer_loop(dict(layer.named_parameters()), layer.cell, layer.hidden_size, x, hx, st)
-    loss = (out * weights).sum() + sum((f * (k + 1.5)).sin().sum() for k, f in enumerate(finals))
-    layer.zero_grad()
-    loss.backward()
-    got = {"out": out, "dx": x.grad, **{f"final{k}": f for k, f in enumerate(finals)},
-           **{f"dh{k}": h.grad for k, h in enumerate(hx)}, **{f"grad.{n}": q.grad for n, q in layer.named_parameters()}}
-    if st is None:
-        got.update(mu=layer.norm_l0.running_mean, var=layer.norm_l0.running_var, u=layer.norm_l0.control_u,
-                   v=layer.norm_l0.control_v)
-    else:
-        got.update(mu=st["mu"], var=st["var"], u=st["u"], v=st["v"])
-    return {k: t.detach().clone() for k, t in got.items()}
-
-
-BACKENDS = [("torch", F64), ("torch", torch.float32), ("cpu", torch.float32), ("triton", torch.float32)]
-
-
-@pytest.mark.parametrize("backend,dtype", BACKENDS, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("backend,dtype", BACKENDS, ids=BACKEND_IDS)
 @pytest.mark.parametrize("v_decay_min", FLOORS)
 @pytest.mark.parametrize("cell", ["lstm", "rnn"])
 def test_layer_matches_per_step_loop_where_the_floor_binds(cell, v_decay_min, backend, dtype):
-    if backend == "triton":
-        pytest.importorskip("triton")
-    if backend != "torch" and torch.cuda.is_available():
-        pytest.skip("this test runs the fused backends on CPU tensors")
+    require(backend)
     torch.manual_seed(0)
     T, B, I, H = 4, 3, 5, 6
     cls = seqnorm.LSTM if cell == "lstm" else seqnorm.RNN
