@@ -132,6 +132,9 @@ def markdown_table(table: dict) -> str:
         "a GPU; a max in the thousands means some of its runs diverged or failed to train.\n")
 
 
+OFF_SCALE = 2e4  # validation perplexity above this (a blown-up run) is drawn as an x at the top
+
+
 def plot_validation(runs: list[dict], path: Path) -> bool:
     """Validation perplexity per evaluation, one line per run; False when matplotlib is not installed."""
     try:
@@ -141,21 +144,29 @@ def plot_validation(runs: list[dict], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(8, 5))
-    colors = {name: f"C{k}" for k, name in enumerate(dict.fromkeys(r["preset"] for r in runs))}
-    for r in runs:
-        label, color = f"{r['preset']} seed {r['seed']}", colors[r["preset"]]
-        if r["status"] == "diverged":
-            ax.axvline(r.get("step", 0), color=color, linestyle=":", label=f"{label}: diverged at step {r.get('step')}")
-            continue
-        hist = r["history"]
-        ax.plot([h["step"] for h in hist], [h["valid_ppl"] for h in hist], marker="o", color=color, label=label,
-                alpha=0.8)
-    ax.set_title("PTB validation perplexity per epoch (paper presets)")
-    ax.set_xlabel("training step (optimizer updates)")
-    ax.set_ylabel("validation perplexity (corpus, log scale)")
-    ax.set_yscale("log")
-    ax.legend(fontsize=7)
+    cells = list(dict.fromkeys(r["preset"].split("-")[1] for r in runs))
+    fig, axes = plt.subplots(1, len(cells), figsize=(6 * len(cells), 4.5), squeeze=False)
+    colors = {name: f"C{k}" for k, name in enumerate(dict.fromkeys(r["preset"].split("-")[2] for r in runs))}
+    finite = [h["valid_ppl"] for r in runs if r["status"] == "finished" for h in r["history"]]
+    top = min(max(finite, default=OFF_SCALE), OFF_SCALE)
+    for ax, cell in zip(axes[0], cells):
+        for r in (r for r in runs if r["preset"].split("-")[1] == cell):
+            norm, label = r["preset"].split("-")[2], f"{r['preset'].split('-', 1)[1]} seed {r['seed']}"
+            style = dict(color=colors[norm], linestyle=("-", "--", ":", "-.")[r["seed"] % 4])
+            if r["status"] == "diverged":
+                ax.axvline(r.get("step", 0), **style, label=f"{label}: diverged at step {r.get('step')}")
+                continue
+            steps, ppl = [h["step"] for h in r["history"]], [h["valid_ppl"] for h in r["history"]]
+            off = any(v > top for v in ppl)
+            ax.plot(steps, [min(v, top) for v in ppl], marker="o", **style, alpha=0.85,
+                    label=label + (f" (× above {top:.0e}, off scale)" if off else ""))
+            ax.plot([s for s, v in zip(steps, ppl) if v > top], [top] * sum(v > top for v in ppl), "x",
+                    color=colors[norm], markersize=10)
+        ax.set_title(f"PTB {cell.upper()}: validation perplexity per epoch (paper presets)", fontsize=10)
+        ax.set_xlabel("training step (optimizer updates)")
+        ax.set_ylabel("validation perplexity (corpus, log scale)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
