@@ -61,8 +61,11 @@ class RNNLM(nn.Module):
         return self.decoder(self.drop(out)), hidden
 
 
+def map_hidden(fn, hidden):
+    """``fn`` applied to the hidden state: one tensor (RNN) or the (h, c) pair (LSTM)."""
+    return tuple(fn(h) for h in hidden) if isinstance(hidden, tuple) else fn(hidden)
+
+
 def detach_hidden(hidden):
     """Cut the graph between BPTT segments, keeping the values."""
-    if isinstance(hidden, tuple):
-        return tuple(h.detach() for h in hidden)
-    return hidden.detach()
+    return map_hidden(torch.Tensor.detach, hidden)

@@ -35,7 +35,7 @@ from .checkpoint import (check_model_config, check_vocab, load_checkpoint, model
 from .data import load_corpus, resolve_data_dir, vocab_from_state
 from .evaluate import evaluate, safe_exp
 from .config import TrainConfig  # noqa: F401  (re-exported)
-from .model import RNNLM, detach_hidden
+from .model import RNNLM, detach_hidden, map_hidden
 
 
 class TrainingDiverged(FloatingPointError):
@@ -137,8 +137,7 @@ class Trainer:
         payload = {"model_config": self.model_cfg.to_dict(), "vocab": self.corpus.vocab.state(),
                    "model": self.model.state_dict(), "train_config": asdict(self.cfg)}
         if with_train:
-            hidden = tuple(parallel.gather_columns(h, self.ranks) for h in self.hidden) \
-                if isinstance(self.hidden, tuple) else parallel.gather_columns(self.hidden, self.ranks)
+            hidden = map_hidden(lambda h: parallel.gather_columns(h, self.ranks), self.hidden)
             payload["train"] = {
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "lengths": self.lengths.state_dict(), "rng": rng_state(), "epoch": self.epoch, "pos": self.pos,
@@ -179,8 +178,7 @@ class Trainer:
         set_rng_state(t["rng"])
         self.epoch, self.pos, self.step = t["epoch"], t["pos"], t["step"]
         columns = self.ranks.columns(self.cfg.batch_size)  # the saved hidden state holds the global batch
-        self.hidden = tuple(h[:, columns].to(self.device) for h in t["hidden"]) if isinstance(t["hidden"], tuple) \
-            else t["hidden"][:, columns].to(self.device)
+        self.hidden = map_hidden(lambda h: h[:, columns].to(self.device), t["hidden"])
         self.sums, self.best, self.history = dict(t["sums"]), dict(t["best"]), list(t["history"])
 
     def save(self) -> None:
@@ -273,10 +271,9 @@ class Trainer:
             valid = self._evaluate("valid")
             is_best = self.best["valid_ppl"] is None or valid["perplexity"] < self.best["valid_ppl"]
             if is_best:
-                self._check_finite_state()
-                best_payload = self._payload(with_train=False)
+                self._check_finite_state()  # on every rank, so that all raise together
                 if self.ranks.main:
-                    save_checkpoint(self.out / "best.pt", best_payload)
+                    save_checkpoint(self.out / "best.pt", self._payload(with_train=False))
         s = self.sums
         record = {"event": kind, "epoch": self.epoch + 1, "step": self.step,
                   "train_loss": s["loss"] / max(s["tokens"], 1), "train_ppl": safe_exp(s["loss"] / max(s["tokens"], 1)),
