@@ -91,18 +91,24 @@ def train_config(args) -> TrainConfig:
 
 
 def cmd_train(args) -> int:
+    import gc
+
     import torch.distributed as dist
 
     from .train import Trainer
 
     try:
         trainer = Trainer(train_config(args), resume=args.resume, progress=not args.no_progress)
-        summary = trainer.run()
+        summary, main = trainer.run(), trainer.ranks.main
+        del trainer  # its DDP wrapper holds the process group: released here, not at interpreter exit
+        gc.collect()
+        if dist.is_initialized():
+            dist.barrier()  # every rank done with every collective before any tears down
     finally:
         if dist.is_initialized():  # under torchrun
             dist.destroy_process_group()
     summary = {k: v for k, v in summary.items() if k not in ("history", "config")}
-    if trainer.ranks.main:
+    if main:
         print(json.dumps(summary, indent=2))
         if summary["status"] == "interrupted":
             print("interrupted; continue with the same command and --resume", file=sys.stderr)

@@ -25,6 +25,7 @@ from . import _checks, backend as backends
 from ._compile import opaque_to_compile
 from .cells import NONLINEARITIES
 from .norms import OnlineNormConfig, build_norm, canonical_norm, make_config
+from .packing import Packing
 from .sequence import RecurrenceFunction, RecurrenceSpec
 
 PAPER_RNN_CONFIG = OnlineNormConfig(alpha_fwd=1 - 2**-14, alpha_bkw=1 - 2**-7)
@@ -148,8 +149,6 @@ class _RecurrentLayers(nn.Module):
         return get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"), get("norm"), get("weight_hr")
 
     def _check_input(self, input):
-        if isinstance(input, PackedSequence):
-            raise TypeError("PackedSequence input is not supported; pass a padded tensor")
         _checks.check_floating("input", input)
         if input.dim() not in (2, 3) or input.shape[-1] != self.input_size:
             layout = "(batch, seq, input_size)" if self.batch_first else "(seq, batch, input_size)"
@@ -170,22 +169,57 @@ class _RecurrentLayers(nn.Module):
         _checks.check_dtype_matches(name, h, self.weight_ih_l0)
         return h.unsqueeze(1) if unbatched else h
 
+    def _check_packed(self, input):
+        data = input.data
+        _checks.check_floating("PackedSequence.data", data)
+        if data.dim() != 2 or data.shape[-1] != self.input_size:
+            raise ValueError(f"PackedSequence.data must have shape (rows, input_size={self.input_size}), "
+                             f"got {tuple(data.shape)}")
+        _checks.check_device("PackedSequence.data", data, self.weight_ih_l0.device)
+        _checks.check_dtype_matches("PackedSequence.data", data, self.weight_ih_l0)
+
     def _to_time_major(self, input):
+        """(x (T, B, I), packing or None, unbatched) for a tensor or a PackedSequence."""
+        if isinstance(input, PackedSequence):
+            self._check_packed(input)
+            packing = Packing(input)
+            return packing.pad(input.data), packing, False
+        self._check_input(input)
         unbatched = input.dim() == 2
         x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if self.batch_first else input)
-        return x, unbatched
+        return x, None, unbatched
 
-    def _from_time_major(self, out, unbatched):
+    def _from_time_major(self, out, packing, unbatched, input):
+        if packing is not None:
+            return packing.wrap(packing.pack(out), input)
         if unbatched:
             return out.squeeze(1)
         return out.transpose(0, 1) if self.batch_first else out
 
-    def _run_layers(self, x, h0, c0):
+    def _initial(self, name, hx, B, unbatched, size, packing):
+        """The initial state for layers x directions: zeros, or ``hx`` checked (and sorted for packed input)."""
+        if hx is None:
+            return self.weight_ih_l0.new_zeros(self.num_layers * self.num_directions, B, size)
+        h = self._check_state(name, hx, B, unbatched, size)
+        return h if packing is None else packing.sort_hidden(h)
+
+    @staticmethod
+    def _final(hs, packing, unbatched):
+        h = torch.stack(hs)
+        if packing is not None:
+            return packing.unsort_hidden(h)
+        return h.squeeze(1) if unbatched else h
+
+    def _run_layers(self, x, h0, c0, packing=None):
         """x: (T, B, I) time-major; h0, c0: (num_layers * num_directions, B, H). Returns out, [h_T], [c_T].
 
         The reverse direction runs the same recurrence over the time-reversed sequence: its normalizer's
-        samples come in its processing order, steps T-1 ... 0, rows in order within a step.
+        samples come in its processing order, steps T-1 ... 0, rows in order within a step.  With a
+        ``packing`` (PackedSequence input, x padded in its sorted row order) each sequence is reversed
+        within its own length, and only the active rows of each step run (``_Packing.runs``).
         """
+        runs = [(0, x.shape[0], x.shape[1])] if packing is None else packing.runs
+        reverse = (lambda t: t.flip(0)) if packing is None else packing.reverse
         h_n, c_n = [], []
         for k in range(self.num_layers):
             if k > 0 and self.dropout > 0 and self.training:
@@ -193,15 +227,21 @@ class _RecurrentLayers(nn.Module):
             outs = []
             for d, sfx in enumerate(self._suffixes):
                 i = k * self.num_directions + d
-                xin = x if d == 0 else x.flip(0)
-                out, h, c = self._run_direction(xin, k, sfx, h0[i], None if c0 is None else c0[i])
-                outs.append(out if d == 0 else out.flip(0))
+                xin = x if d == 0 else reverse(x)
+                out, h, c = self._run_direction(xin, k, sfx, h0[i], None if c0 is None else c0[i], runs)
+                outs.append(out if d == 0 else reverse(out))
                 h_n.append(h)
                 c_n.append(c)
             x = torch.cat(outs, -1) if len(outs) > 1 else outs[0]
         return x, h_n, c_n
 
-    def _run_direction(self, x, k, sfx, h0, c0):
+    def _run_direction(self, x, k, sfx, h0, c0, runs):
+        """One direction of layer k over ``runs``: (t0, t1, n), steps t0..t1-1 with rows 0..n-1 active.
+
+        Each run is one call of the recurrence on its active rows; the normalizer's state carries from run
+        to run, so its samples come in order (steps, then rows) and padded positions never reach it.  The
+        final h, c of a row is the one after its last active step; padded outputs are zero.
+        """
         w_ih, w_hh, b_ih, b_hh, norm, w_hr = self._layer_params(k, sfx)
         xproj = F.linear(x, w_ih, None if b_ih is None else b_ih + b_hh)
         spec = RecurrenceSpec(self.cell, self.norm_type, self.hidden_size, self.config, self.nonlinearity,
@@ -209,7 +249,21 @@ class _RecurrentLayers(nn.Module):
         state = norm.state if self.norm_type == "online" else None
         gamma, beta = (norm.weight, norm.bias) if norm is not None else (None, None)
         recurrence = _pick_recurrence(self.backend, xproj.device, xproj.dtype)  # bf16 under autocast
-        out, h, c = recurrence(spec, state, xproj, h0, c0, w_hh, gamma, beta, w_hr)
+        B, h, c = x.shape[1], h0, c0
+        outs, ended_h, ended_c = [], [], []  # rows whose sequences ended before a run, latest first
+        for t0, t1, n in runs:
+            if n < h.shape[0]:
+                ended_h.insert(0, h[n:])
+                h = h[:n]
+                if c is not None:
+                    ended_c.insert(0, c[n:])
+                    c = c[:n]
+            chunk = xproj[t0:t1] if n == B else xproj[t0:t1, :n].contiguous()
+            out, h, c = recurrence(spec, state, chunk, h, c, w_hh, gamma, beta, w_hr)
+            outs.append(out if n == B else F.pad(out, (0, 0, 0, B - n)))
+        out = torch.cat(outs) if len(outs) > 1 else outs[0]
+        h = torch.cat([h, *ended_h]) if ended_h else h
+        c = torch.cat([c, *ended_c]) if ended_c else c
         self._warn_if_skipped(out, f"{k}{sfx}")
         return out, h, c
 
@@ -264,23 +318,17 @@ class LSTM(_RecurrentLayers):
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size,
                          norm, make_config(config, config_fields), "tanh", backend, device, dtype)
 
-    def forward(self, input: torch.Tensor, hx=None):
-        self._check_input(input)
-        x, unbatched = self._to_time_major(input)
+    def forward(self, input, hx=None):
+        """input: (T, B, I), (B, T, I) with batch_first, (T, I) unbatched, or a PackedSequence."""
+        x, packing, unbatched = self._to_time_major(input)
         B = x.shape[1]
-        if hx is None:
-            h0 = x.new_zeros(self.num_layers * self.num_directions, B, self.output_size)
-            c0 = x.new_zeros(self.num_layers * self.num_directions, B, self.hidden_size)
-        else:
-            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                raise TypeError("hx must be a tuple (h_0, c_0) for an LSTM")
-            h0 = self._check_state("h_0", hx[0], B, unbatched, self.output_size)
-            c0 = self._check_state("c_0", hx[1], B, unbatched, self.hidden_size)
-        out, h_n, c_n = self._run_layers(x, h0, c0)
-        h_n, c_n = torch.stack(h_n), torch.stack(c_n)
-        if unbatched:
-            h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
-        return self._from_time_major(out, unbatched), (h_n, c_n)
+        if hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
+            raise TypeError("hx must be a tuple (h_0, c_0) for an LSTM")
+        h0 = self._initial("h_0", None if hx is None else hx[0], B, unbatched, self.output_size, packing)
+        c0 = self._initial("c_0", None if hx is None else hx[1], B, unbatched, self.hidden_size, packing)
+        out, h_n, c_n = self._run_layers(x, h0, c0, packing)
+        finals = (self._final(h_n, packing, unbatched), self._final(c_n, packing, unbatched))
+        return self._from_time_major(out, packing, unbatched, input), finals
 
 
 class RNN(_RecurrentLayers):
@@ -305,12 +353,9 @@ class RNN(_RecurrentLayers):
                          config, nonlinearity, backend, device, dtype)
         self.mode = f"RNN_{nonlinearity.upper()}"
 
-    def forward(self, input: torch.Tensor, hx=None):
-        self._check_input(input)
-        x, unbatched = self._to_time_major(input)
-        B = x.shape[1]
-        h0 = x.new_zeros(self.num_layers * self.num_directions, B, self.hidden_size) if hx is None \
-            else self._check_state("h_0", hx, B, unbatched, self.hidden_size)
-        out, h_n, _ = self._run_layers(x, h0, None)
-        h_n = torch.stack(h_n)
-        return self._from_time_major(out, unbatched), (h_n.squeeze(1) if unbatched else h_n)
+    def forward(self, input, hx=None):
+        """input: (T, B, I), (B, T, I) with batch_first, (T, I) unbatched, or a PackedSequence."""
+        x, packing, unbatched = self._to_time_major(input)
+        h0 = self._initial("h_0", hx, x.shape[1], unbatched, self.hidden_size, packing)
+        out, h_n, _ = self._run_layers(x, h0, None, packing)
+        return self._from_time_major(out, packing, unbatched, input), self._final(h_n, packing, unbatched)

@@ -88,24 +88,28 @@ def online_state(features, alpha_fwd, alpha_bkw, v_decay_min, skip_nonfinite=Fal
             "skip_nonfinite": skip_nonfinite}
 
 
-def layer_loop(params, cell, hidden_size, x, hx, st):
+def layer_loop(params, cell, hidden_size, x, hx, st, lengths=None):
     """One online-normalized LSTM/RNN (tanh) layer, DESIGN §3, one step at a time, differentiated by autograd:
     norm(W_ih x + b_ih + W_hh h + b_hh) with one state ``st`` for all steps, affine, layer scaling per gate, cell.
     ``params``: the layer's named parameters (weight_ih_l0, ..., weight_hr_l0 with a projection,
-    norm_l0.weight, norm_l0.bias)."""
+    norm_l0.weight, norm_l0.bias).  ``lengths`` (non-increasing, for packed input): at step t only the rows
+    with lengths > t run (the normalizer sees just those); the others keep their h, c and output zeros."""
     p, H = params, hidden_size
     h, c = hx[0][0], hx[1][0] if cell == "lstm" else None
     outs = []
-    for x_t in x:
-        pre = x_t @ p["weight_ih_l0"].T + p["bias_ih_l0"] + h @ p["weight_hh_l0"].T + p["bias_hh_l0"]
+    for t, x_t in enumerate(x):
+        n = len(x_t) if lengths is None else sum(1 for L in lengths if L > t)
+        pre = x_t[:n] @ p["weight_ih_l0"].T + p["bias_ih_l0"] + h[:n] @ p["weight_hh_l0"].T + p["bias_hh_l0"]
         z = affine_ecm(_OnlineNormStep.apply(pre, st), p["norm_l0.weight"], p["norm_l0.bias"], "ls", H)
         if cell == "lstm":
             i, f, g, o = z.chunk(4, 1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
+            c_new = torch.sigmoid(f) * c[:n] + torch.sigmoid(i) * torch.tanh(g)
+            h_new = torch.sigmoid(o) * torch.tanh(c_new)
             if "weight_hr_l0" in p:  # proj_size: h = W_hr (o * tanh c)
-                h = h @ p["weight_hr_l0"].T
+                h_new = h_new @ p["weight_hr_l0"].T
+            c = torch.cat([c_new, c[n:]])
         else:
-            h = torch.tanh(z)
-        outs.append(h)
+            h_new = torch.tanh(z)
+        h = torch.cat([h_new, h[n:]])
+        outs.append(torch.cat([h_new, h_new.new_zeros(len(h) - n, h.shape[1])]))
     return torch.stack(outs), (h[None], c[None]) if cell == "lstm" else (h[None],)

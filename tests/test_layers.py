@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import reference
 import seqnorm
@@ -468,3 +469,114 @@ def test_proj_size_online_equals_per_step_loop(backend, dtype):
         norm = layer.norm_l0
         for buf, key in zip((norm.running_mean, norm.running_var, norm.control_u, norm.control_v), ("mu", "var", "u", "v")):
             torch.testing.assert_close(buf.double(), st[key], **tol, msg=key)
+
+
+def _packed_run(layer, x, lengths, hx, enforce_sorted):
+    """Output (padded back, caller's order), finals, and the gradients of input, hx and parameters."""
+    xi, hi = x.clone().requires_grad_(), tuple(h.clone().requires_grad_() for h in hx)
+    packed = pack_padded_sequence(xi, lengths, enforce_sorted=enforce_sorted)
+    out, fin = layer(packed, hi if layer.mode == "LSTM" else hi[0])
+    assert isinstance(out, PackedSequence) and torch.equal(out.batch_sizes, packed.batch_sizes)
+    fin = fin if layer.mode == "LSTM" else (fin,)
+    padded, _ = pad_packed_sequence(out)
+    (padded.sin().sum() + sum((f * (k + 2)).cos().sum() for k, f in enumerate(fin))).backward()
+    return [padded, *fin, xi.grad, *(h.grad for h in hi), *(q.grad for q in layer.parameters())]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("kind", ["lstm", "lstm-proj", "rnn"])
+@pytest.mark.parametrize("lengths,enforce_sorted", [([3, 6, 1, 4], False), ([6, 4, 4, 1], True), ([5, 5, 5, 5], True)],
+                         ids=["unsorted", "sorted", "equal"])
+def test_packed_without_norm_equals_torch_nn(kind, backend, lengths, enforce_sorted):
+    require(backend)
+    torch.manual_seed(0)
+    ref = (torch.nn.RNN(5, 7, num_layers=2, bidirectional=True) if kind == "rnn"
+           else torch.nn.LSTM(5, 7, num_layers=2, bidirectional=True, proj_size=3 if kind == "lstm-proj" else 0))
+    ours = (seqnorm.RNN if kind == "rnn" else seqnorm.LSTM).from_torch(ref, norm=None, backend=backend)
+    B, T = len(lengths), max(lengths)
+    x = torch.randn(T, B, 5)
+    hx = (torch.randn(4, B, ref.proj_size or 7), torch.randn(4, B, 7))[:1 if kind == "rnn" else 2]
+    got, want = _packed_run(ours, x, lengths, hx, enforce_sorted), _packed_run(ref, x, lengths, hx, enforce_sorted)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def _reverse_within(x, lengths):
+    """Each column b of (T, B, F) reversed in its first lengths[b] steps."""
+    out = x.clone()
+    for b, L in enumerate(lengths):
+        out[:L, b] = x[:L, b].flip(0)
+    return out
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_packed_bidirectional_online_equals_per_step_loops_over_the_active_rows(cell, backend, dtype):
+    """At step t the normalizer's samples are the active sequences in the packed (sorted) row order; the
+    reverse direction reads each sequence from its own end; padding never touches the statistics."""
+    require(backend)
+    torch.manual_seed(0)
+    I, H, lengths = 5, 6, [2, 5, 1, 5, 3]
+    B, T = len(lengths), max(lengths)
+    order = pack_padded_sequence(torch.zeros(T, B, 1), lengths, enforce_sorted=False).sorted_indices.tolist()
+    sorted_lengths = [lengths[b] for b in order]
+    cls = seqnorm.LSTM if cell == "lstm" else seqnorm.RNN
+    ref = cls(I, H, bidirectional=True, alpha_fwd=0.9, alpha_bkw=0.8, dtype=torch.float64)
+    layer = copy.deepcopy(ref).to(dtype)
+    layer.backend = backend
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    for b, L in enumerate(lengths):
+        x[L:, b] = float("nan")  # padding: if it reached the statistics they would be NaN
+    hx = tuple(torch.randn(2, B, H, dtype=torch.float64) for _ in range(2 if cell == "lstm" else 1))
+    w = torch.randn(T, B, 2 * H, dtype=torch.float64)
+    params = dict(ref.named_parameters())
+    states = [reference.online_state(ref.gates * H, 0.9, 0.8, 1e-5) for _ in range(2)]
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    mask = (torch.arange(T)[:, None] < torch.tensor(lengths)).unsqueeze(-1)
+    for call in range(2):  # the states carry over
+        xs = [x.clone().requires_grad_(), x.to(dtype).clone().requires_grad_()]
+        outs, finals = [], []
+        xsorted = xs[0][:, order]
+        for d, sfx in enumerate(("", "_reverse")):
+            p = {k.replace("_reverse", ""): v for k, v in params.items() if ("_reverse" in k) == (d == 1)}
+            seq = xsorted if d == 0 else _reverse_within(xsorted, sorted_lengths)
+            h_d = tuple(h[d:d + 1, order] for h in hx)
+            out, fin = reference.layer_loop(p, cell, H, seq, h_d, states[d], lengths=sorted_lengths)
+            outs.append(out if d == 0 else _reverse_within(out, sorted_lengths))
+            finals.append(fin)
+        unsort = [order.index(b) for b in range(B)]
+        want = torch.cat(outs, -1)[:, unsort]
+        want_finals = [torch.cat([f[k] for f in finals])[:, unsort] for k in range(len(hx))]
+        packed = pack_padded_sequence(xs[1], lengths, enforce_sorted=False)
+        got, got_finals = layer(packed, tuple(h.to(dtype) for h in hx) if cell == "lstm" else hx[0].to(dtype))
+        got, _ = pad_packed_sequence(got, total_length=T)
+        got_finals = got_finals if cell == "lstm" else (got_finals,)
+        ref.zero_grad()
+        layer.zero_grad()
+        ((want * w).where(mask, 0).sum() + sum(f.sin().sum() for f in want_finals)).backward()
+        ((got * w.to(dtype)).where(mask, 0).sum() + sum(f.sin().sum() for f in got_finals)).backward()
+        torch.testing.assert_close(got.double(), want.where(mask, 0), **tol)
+        for g, f in zip(got_finals, want_finals):
+            torch.testing.assert_close(g.double(), f, **tol)
+        torch.testing.assert_close(xs[1].grad.double().where(mask, 0), xs[0].grad.where(mask, 0), **tol)
+        assert not xs[1].grad.where(mask, 0).isnan().any()
+        for (name, q), (_, q_ref) in zip(layer.named_parameters(), ref.named_parameters()):
+            torch.testing.assert_close(q.grad.double(), q_ref.grad, **tol, msg=name)
+        for d, sfx in enumerate(("", "_reverse")):
+            norm = getattr(layer, f"norm_l0{sfx}")
+            for buf, key in zip((norm.running_mean, norm.running_var, norm.control_u, norm.control_v),
+                                ("mu", "var", "u", "v")):
+                assert buf.isfinite().all()
+                torch.testing.assert_close(buf.double(), states[d][key], **tol, msg=f"{sfx} {key}")
+
+
+def test_packed_input_errors_name_what_is_wrong():
+    lstm = seqnorm.LSTM(5, 7)
+    packed = pack_padded_sequence(torch.randn(4, 3, 6), [4, 2, 1])
+    with pytest.raises(ValueError, match=r"PackedSequence.data must have shape \(rows, input_size=5\)"):
+        lstm(packed)
+    packed = pack_padded_sequence(torch.randn(4, 3, 5), [4, 2, 1])
+    with pytest.raises(ValueError, match=r"h_0 must have shape \(1, 3, 7\)"):
+        lstm(packed, (torch.zeros(1, 4, 7), torch.zeros(1, 4, 7)))
+    with pytest.raises(ValueError, match="non-increasing"):
+        lstm(PackedSequence(torch.randn(7, 5), torch.tensor([2, 3, 2])))
