@@ -1,23 +1,13 @@
-"""Keeping ``torch.compile`` out of the recurrences without paying for it at import.
+"""Marking a function's result as a constant for ``torch.compile`` without paying for it at import.
 
-``torch.compiler.disable`` imports ``torch._dynamo`` (about 2 s) wherever it is
-applied, so decorating at import time made ``import seqnorm`` slow for every
-user, compiling or not.  ``opaque_to_compile`` calls the function directly in
-eager mode and wraps it in ``torch.compiler.disable`` only while a compile is
-tracing it, when dynamo is loaded anyway.
+``torch.compiler.assume_constant_result`` imports ``torch._dynamo`` (about 2 s),
+so applying it at import time would make ``import seqnorm`` slow for every
+user, compiling or not.  It does nothing but set the attribute below, which
+``tests/test_export.py`` holds to a ``fullgraph=True`` compile.
 """
-import functools
-
-import torch
 
 
-def opaque_to_compile(fn):
-    """``fn``, run eagerly as one opaque call inside ``torch.compile``; dynamo is not imported before that."""
-
-    @functools.wraps(fn)
-    def call(*args):
-        if torch.compiler.is_compiling():
-            return torch.compiler.disable(fn)(*args)
-        return fn(*args)
-
-    return call
+def assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result(fn)``: dynamo calls ``fn`` at trace time and keeps its result."""
+    fn._dynamo_marked_constant = True
+    return fn

@@ -8,10 +8,11 @@ initial values).  Each layer k has one normalizer ``norm_l{k}`` over all its
 gate features; for Online Normalization that is one statistics state shared
 by every time step (and kept across calls, BPTT segments and epochs).
 
-Each layer runs as one autograd Function (input projections for all steps in
-one matmul, the recurrence and a hand-written backward): ``RecurrenceFunction``
-(plain PyTorch) or ``FusedRecurrenceFunction`` (one fused Triton or C kernel
-per step), chosen by ``backend=`` (see ``seqnorm.backend``).
+Each layer direction runs its input projections for all steps in one matmul,
+then the recurrence with a hand-written backward: the custom op
+``seqnorm::recurrence`` (``seqnorm.ops``; one fused Triton or C kernel per
+step) or, on the eager torch path, ``sequence.RecurrenceFunction``, chosen by
+``backend=`` (see ``seqnorm.backend``).
 """
 import math
 import warnings
@@ -21,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import _checks, backend as backends
-from ._compile import opaque_to_compile
+from . import _checks, backend as backends, ops
+from ._compile import assume_constant_result
 from .cells import NONLINEARITIES
 from .norms import OnlineNormConfig, build_norm, canonical_norm, make_config
 from .packing import Packing
@@ -31,34 +32,22 @@ from .sequence import RecurrenceFunction, RecurrenceSpec
 PAPER_RNN_CONFIG = OnlineNormConfig(alpha_fwd=1 - 2**-14, alpha_bkw=1 - 2**-7)
 
 
-@opaque_to_compile
-def _torch_recurrence(*args):
-    return RecurrenceFunction.apply(*args)
+def _tracing() -> bool:
+    """Under torch.compile / torch.export (dynamo or not) or torch.jit.trace."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
-@opaque_to_compile
-def _triton_recurrence(*args):
-    from .kernels.recurrence import FusedRecurrenceFunction
-    from .kernels.step import TritonStep
-
-    return FusedRecurrenceFunction.apply(*args, TritonStep)
-
-
-@opaque_to_compile
-def _cpu_recurrence(*args):
-    from .kernels.cpu_step import CPUStep
-    from .kernels.recurrence import FusedRecurrenceFunction
-
-    return FusedRecurrenceFunction.apply(*args, CPUStep)
+def _recurrence(backend, spec_text, state, xproj, h0, c0, w_hh, gamma, beta, w_hr):
+    """One direction of one layer: the torch path's autograd Function when eager, else the custom op."""
+    if backend == "torch" and not _tracing():
+        spec = ops.decode_spec(spec_text)
+        return RecurrenceFunction.apply(spec, state, xproj, h0, c0, w_hh, gamma, beta, w_hr)
+    return ops.run(spec_text, backend, state, xproj, h0, c0, w_hh, gamma, beta, w_hr)
 
 
-# all run eagerly inside a compiled model: torch.compile treats the recurrence as opaque
-RECURRENCES = {"torch": _torch_recurrence, "triton": _triton_recurrence, "cpu": _cpu_recurrence}
-
-
-@opaque_to_compile
-def _pick_recurrence(backend, device, dtype):
-    return RECURRENCES[backends.resolve(backend, device, dtype)]
+@assume_constant_result
+def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    return backends.resolve(backend, device, dtype)
 
 
 class _RecurrentLayers(nn.Module):
@@ -84,6 +73,7 @@ class _RecurrentLayers(nn.Module):
         self.norm_type = canonical_norm(norm)
         self.config = config
         self.nonlinearity = nonlinearity
+        self._spec_texts = self._encode_specs()
         kw = dict(device=device, dtype=dtype)
         width = self.gates * hidden_size
         for k in range(num_layers):
@@ -99,6 +89,16 @@ class _RecurrentLayers(nn.Module):
                                             nn.Parameter(torch.empty(proj_size, hidden_size, **kw)))
                 self.add_module(f"norm_l{k}{sfx}", build_norm(self.norm_type, width, hidden_size, config, **kw))
         self.reset_parameters()
+
+    def _encode_specs(self) -> dict:
+        """The op's spec argument for train and eval mode, made once (a string: pickles and traces as one)."""
+        return {mode: ops.encode_spec(RecurrenceSpec(self.cell, self.norm_type, self.hidden_size, self.config,
+                                                     self.nonlinearity, mode)) for mode in (True, False)}
+
+    def _spec_text(self) -> str:
+        if "_spec_texts" not in self.__dict__:  # a module pickled before the attribute existed
+            self._spec_texts = self._encode_specs()
+        return self._spec_texts[self.training]
 
     @property
     def _suffixes(self) -> tuple:
@@ -244,22 +244,23 @@ class _RecurrentLayers(nn.Module):
         """
         w_ih, w_hh, b_ih, b_hh, norm, w_hr = self._layer_params(k, sfx)
         xproj = F.linear(x, w_ih, None if b_ih is None else b_ih + b_hh)
-        spec = RecurrenceSpec(self.cell, self.norm_type, self.hidden_size, self.config, self.nonlinearity,
-                              self.training)
+        spec_text = self._spec_text()
         state = norm.state if self.norm_type == "online" else None
         gamma, beta = (norm.weight, norm.bias) if norm is not None else (None, None)
-        recurrence = _pick_recurrence(self.backend, xproj.device, xproj.dtype)  # bf16 under autocast
+        backend = _resolve_backend(self.backend, xproj.device, xproj.dtype)  # bf16 under autocast
         B, h, c = x.shape[1], h0, c0
         outs, ended_h, ended_c = [], [], []  # rows whose sequences ended before a run, latest first
+        rows = runs[0][2]
         for t0, t1, n in runs:
-            if n < h.shape[0]:
+            if n < rows:
+                rows = n
                 ended_h.insert(0, h[n:])
                 h = h[:n]
                 if c is not None:
                     ended_c.insert(0, c[n:])
                     c = c[:n]
             chunk = xproj[t0:t1] if n == B else xproj[t0:t1, :n].contiguous()
-            out, h, c = recurrence(spec, state, chunk, h, c, w_hh, gamma, beta, w_hr)
+            out, h, c = _recurrence(backend, spec_text, state, chunk, h, c, w_hh, gamma, beta, w_hr)
             outs.append(out if n == B else F.pad(out, (0, 0, 0, B - n)))
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
         h = torch.cat([h, *ended_h]) if ended_h else h
@@ -269,7 +270,7 @@ class _RecurrentLayers(nn.Module):
 
     def _warn_if_skipped(self, out, k):
         """Once per layer module, in training on CPU (a free check there): non-finite samples were skipped."""
-        if (self.training and self.norm_type == "online" and out.device.type == "cpu"
+        if (self.training and self.norm_type == "online" and out.device.type == "cpu" and not _tracing()
                 and not getattr(self, "_warned_nonfinite", False) and not bool(torch.isfinite(out).all())):
             self._warned_nonfinite = True
             warnings.warn(f"{type(self).__name__} layer {k}: non-finite values in the input or state; their "

@@ -465,45 +465,50 @@ def _backward_pass(norm, cell, w, w_hr, d_out_steps, d_hn, d_cn, T, B, H, P, dty
     return d_pre, dh, dh_all
 
 
+def torch_forward(spec, state, xproj, h0, c0, w_hh, gamma, beta, w_hr):
+    """All T steps (state.mu, state.var updated in place); returns what ``torch_backward`` needs."""
+    dtype = torch.promote_types(xproj.dtype, torch.float32)
+    xp, w = xproj.to(dtype), w_hh.to(dtype)
+    g, b = (None, None) if gamma is None else (gamma.to(dtype), beta.to(dtype))
+    wr = None if w_hr is None else w_hr.to(dtype)
+    norm, cell, h_all, m_all = _forward_pass(spec, state, xp, h0, c0, w, g, b, wr, safe=False)
+    if not norm.state_finite():  # a non-finite sample: again, row by row, skipping its updates
+        norm, cell, h_all, m_all = _forward_pass(spec, state, xp, h0, c0, w, g, b, wr, safe=True)
+    norm.finish_forward()
+    return norm, cell, h_all, m_all, w, wr
+
+
+def torch_backward(spec, forward, d_out, d_hn, d_cn):
+    """Steps T-1..0 (state.u, state.v updated in place); dL/d(xproj, h0, c0, w_hh, gamma, beta, w_hr) in the
+    compute dtype, None where there is no such input."""
+    norm, cell, h_all, m_all, w, w_hr = forward
+    T, B, P, H = h_all.shape[0] - 1, h_all.shape[1], h_all.shape[2], spec.hidden_size
+    args = (norm, cell, w, w_hr, None if d_out is None else _steps(d_out.to(h_all.dtype)), d_hn, d_cn, T, B, H, P,
+            h_all.dtype, h_all.device)
+    d_pre, dh, dh_all = _backward_pass(*args, safe=False)
+    if not norm.control_finite():
+        d_pre, dh, dh_all = _backward_pass(*args, safe=True)
+    norm.finish_backward()
+    d_w = torch.mm(d_pre.view(T * B, -1).t(), h_all[:-1].reshape(T * B, P))
+    d_w_hr = None if w_hr is None else torch.mm(dh_all.view(T * B, P).t(), m_all.view(T * B, H))
+    d_gamma, d_beta = norm.param_grads()
+    return d_pre, dh, cell.initial_cell_grad(), d_w, d_gamma, d_beta, d_w_hr
+
+
 class RecurrenceFunction(torch.autograd.Function):
     """(spec, state, xproj (T,B,G*H), h0 (B,P), c0 (B,H) or None, w_hh (G*H,P), gamma, beta, w_hr (P,H) or None)
-    -> out (T,B,P), h_T, c_T.  P = H without a projection (w_hr None)."""
+    -> out (T,B,P), h_T, c_T.  P = H without a projection (w_hr None).  The eager torch path: what the
+    backward needs stays in the step objects; traced, ``seqnorm.ops`` runs the same two functions."""
 
     @staticmethod
     def forward(ctx, spec, state, xproj, h0, c0, w_hh, gamma, beta, w_hr):
-        dtype = torch.promote_types(xproj.dtype, torch.float32)
-        xp, w = xproj.to(dtype), w_hh.to(dtype)
-        g, b = (None, None) if gamma is None else (gamma.to(dtype), beta.to(dtype))
-        wr = None if w_hr is None else w_hr.to(dtype)
-        norm, cell, h_all, m_all = _forward_pass(spec, state, xp, h0, c0, w, g, b, wr, safe=False)
-        if not norm.state_finite():  # a non-finite sample: again, row by row, skipping its updates
-            norm, cell, h_all, m_all = _forward_pass(spec, state, xp, h0, c0, w, g, b, wr, safe=True)
-        norm.finish_forward()
-        ctx.spec, ctx.norm, ctx.cell, ctx.w, ctx.w_hr, ctx.m_all = spec, norm, cell, w, wr, m_all
-        ctx.dtypes = (xproj.dtype, h0.dtype, None if c0 is None else c0.dtype, w_hh.dtype,
-                      None if gamma is None else gamma.dtype, None if w_hr is None else w_hr.dtype)
-        ctx.save_for_backward(h_all)
+        ctx.spec, ctx.forward = spec, torch_forward(spec, state, xproj, h0, c0, w_hh, gamma, beta, w_hr)
+        ctx.dtypes = [None if t is None else t.dtype for t in (xproj, h0, c0, w_hh, gamma, beta, w_hr)]
+        h_all, cell = ctx.forward[2], ctx.forward[1]
         c_last = cell.final_cell()
         return h_all[1:].to(xproj.dtype), h_all[-1].to(xproj.dtype), None if c_last is None else c_last.to(xproj.dtype)
 
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn):
-        (h_all,) = ctx.saved_tensors
-        norm, cell, w, w_hr = ctx.norm, ctx.cell, ctx.w, ctx.w_hr
-        T, B, P, H = h_all.shape[0] - 1, h_all.shape[1], h_all.shape[2], ctx.spec.hidden_size
-        args = (norm, cell, w, w_hr, None if d_out is None else _steps(d_out.to(h_all.dtype)), d_hn, d_cn, T, B, H, P,
-                h_all.dtype, h_all.device)
-        d_pre, dh, dh_all = _backward_pass(*args, safe=False)
-        if not norm.control_finite():
-            d_pre, dh, dh_all = _backward_pass(*args, safe=True)
-        norm.finish_backward()
-        d_w = torch.mm(d_pre.view(T * B, -1).t(), h_all[:-1].reshape(T * B, P))
-        d_w_hr = None if w_hr is None else torch.mm(dh_all.view(T * B, P).t(), ctx.m_all.view(T * B, H))
-        d_gamma, d_beta = norm.param_grads()
-        x_dt, h_dt, c_dt, w_dt, g_dt, r_dt = ctx.dtypes
-        dc0 = cell.initial_cell_grad()
-        return (
-            None, None, d_pre.to(x_dt), dh.to(h_dt), None if dc0 is None else dc0.to(c_dt), d_w.to(w_dt),
-            None if d_gamma is None else d_gamma.to(g_dt), None if d_beta is None else d_beta.to(g_dt),
-            None if d_w_hr is None else d_w_hr.to(r_dt),
-        )
+        grads = torch_backward(ctx.spec, ctx.forward, d_out, d_hn, d_cn)
+        return (None, None, *(None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)))

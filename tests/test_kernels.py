@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import seqnorm
-from seqnorm import backend as backends
+from seqnorm import backend as backends, ops
 from seqnorm.norms import OnlineNormConfig
 from seqnorm.sequence import RecurrenceFunction, RecurrenceSpec
 
 pytest.importorskip("triton")
-from seqnorm.kernels import cpu_step, recurrence, step  # noqa: E402  (after the importorskip)
+from seqnorm.kernels import cpu_step, step  # noqa: E402  (after the importorskip)
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -121,7 +121,7 @@ def _spec(cell, norm, ecm, H, training=True):
 @pytest.mark.parametrize("cell", ["lstm", "rnn"])
 @pytest.mark.parametrize("norm,ecm,training", [("online", "ac", True), ("online", "none", True), (None, "ls", True),
                                                ("online", "ls", False), ("layer", "ls", True)])
-def test_triton_split_over_programs(cell, norm, ecm, training):
+def test_triton_split_over_programs(cell, norm, ecm, training, monkeypatch):
     """Small hidden blocks (max_block_h=2) and per-row programs give the same result as one program."""
     T, B, H = 3, 3, 5
     spec = _spec(cell, norm, ecm, H, training)
@@ -134,7 +134,8 @@ def test_triton_split_over_programs(cell, norm, ecm, training):
             1 + 0.3 * torch.randn(G * H, device=DEVICE), 0.3 * torch.randn(G * H, device=DEVICE), None]
     results = []
     small_blocks = lambda spec, batch, dtype: step.TritonStep(spec, batch, dtype, max_block_h=2)  # noqa: E731
-    for fn in (RecurrenceFunction.apply, lambda *a: recurrence.FusedRecurrenceFunction.apply(*a, small_blocks)):
+    monkeypatch.setitem(ops.STEP_FACTORIES, "triton", lambda: small_blocks)
+    for fn in (RecurrenceFunction.apply, lambda spec, *a: ops.run(ops.encode_spec(spec), "triton", *a)):
         state = seqnorm.OnlineNormState.initial(G * H, device=DEVICE)
         state.mu.normal_(generator=torch.Generator(DEVICE).manual_seed(2))
         leaves = [None if a is None else a.clone().requires_grad_() for a in args]
@@ -187,10 +188,10 @@ def test_env_var_forces_a_backend(monkeypatch):
 
 def test_env_var_reaches_the_layer(monkeypatch):
     calls = []
-    monkeypatch.setitem(seqnorm.layers.RECURRENCES, "triton", lambda *a: calls.append(a) or (a[2][..., :5], a[3], a[4]))
+    monkeypatch.setattr(ops, "run", lambda *a: calls.append(a[1]) or (a[3][..., :5], a[4], a[5]))
     monkeypatch.setenv(backends.ENV_VAR, "triton")
     seqnorm.LSTM(4, 5)(torch.randn(2, 1, 4))
-    assert len(calls) == 1
+    assert calls == ["triton"]
 
 
 def test_bad_backend_arguments(monkeypatch):

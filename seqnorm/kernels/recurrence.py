@@ -9,7 +9,8 @@ the kernels in device memory: no host synchronisation, no Python-side
 rebinding of buffers, so on a GPU a forward+backward can be captured in a
 CUDA graph.
 
-The step launcher (``make_step(spec, batch, dtype)``: ``step.TritonStep`` or
+``seqnorm.ops`` makes these two functions the forward and backward of the
+custom op ``seqnorm::recurrence``.  The step launcher (``make_step(spec, batch, dtype)``: ``step.TritonStep`` or
 ``cpu_step.CPUStep``) has ``forward(pre, c_prev, c_next, h_next, act, y, s,
 iz, gamma, beta, mu, var)`` and ``backward(dh, d_out, dc, act, c_prev, c_next,
 y, s, iz, gamma, beta, da, dx, u, v)``.  Activations (xproj, h, the matmuls)
@@ -28,87 +29,87 @@ def _steps(buffer, count):
     return buffer.unbind(0) if buffer.dim() > 1 else (buffer,) * count
 
 
-class FusedRecurrenceFunction(torch.autograd.Function):
-    """(spec, state, xproj (T,B,G*H), h0 (B,P), c0 or None, w_hh, gamma, beta, w_hr or None, make_step)
-    -> out (T,B,P), h_T, c_T."""
+def fused_forward(spec, xproj, h0, c0, w_hh, gamma, beta, w_hr, mu, var, make_step):
+    """The forward of all T steps; ``mu``, ``var`` (online) are updated in place by the kernels.
 
-    @staticmethod
-    def forward(ctx, spec, state, xproj, h0, c0, w_hh, gamma, beta, w_hr, make_step):
-        T, B, GH = xproj.shape
-        H, dtype, device = spec.hidden_size, xproj.dtype, xproj.device
-        f32 = dict(dtype=torch.float32, device=device)
-        none = torch.empty(1, **f32)
-        lstm, normed, c = spec.cell == "lstm", spec.norm is not None, spec.config
-        kernel = make_step(spec, B, dtype)
-        w = w_hh.to(dtype)
-        h_all = xproj.new_empty(T + 1, B, h0.shape[-1])
-        h_all[0] = h0
-        wr = None if w_hr is None else w_hr.to(dtype)
-        m_all = h_all[1:] if wr is None else xproj.new_empty(T, B, H)  # what the kernel writes: m = o tanh(c)
-        c_all = torch.empty(T + 1, B, H, **f32) if lstm else none
-        if lstm:
-            c_all[0] = c0
-        act = torch.empty(T, B, GH, **f32)
-        y_all = torch.empty(T, B, GH, **f32) if normed else none
-        s_all = torch.empty(T, B, GH, **f32) if normed else none
-        iz = torch.empty(T, B, spec.gates, **f32) if spec.norm == "online" and c.ecm == "ls" else none
-        g, b = (gamma.float().contiguous(), beta.float().contiguous()) if gamma is not None else (none, none)
-        mu, var = (state.mu, state.var) if spec.norm == "online" else (none, none)
-        steps = lambda buf: _steps(buf, T + 1)  # noqa: E731
-        h_s, m_s, c_s, act_s, y_s, s_s, iz_s = map(steps, (h_all, m_all, c_all, act, y_all, s_all, iz))
-        pre, w_t = xproj.new_empty(B, GH), w.t()
-        with torch.autocast(device.type, enabled=False):
-            for t in range(T):
-                torch.addmm(xproj[t], h_s[t], w_t, out=pre)
-                kernel.forward(pre, c_s[t], c_s[t + 1], m_s[t], act_s[t], y_s[t], s_s[t], iz_s[t], g, b, mu, var)
-                if wr is not None:
-                    torch.mm(m_s[t], wr.t(), out=h_s[t + 1])
-        ctx.spec, ctx.kernel, ctx.state, ctx.w, ctx.gamma, ctx.beta, ctx.w_hr = spec, kernel, state, w, g, b, wr
-        ctx.saved = (h_all, m_all, c_all, act, y_all, s_all, iz)
-        ctx.dtypes = (xproj.dtype, h0.dtype, None if c0 is None else c0.dtype, w_hh.dtype,
-                      None if gamma is None else gamma.dtype, None if w_hr is None else w_hr.dtype)
-        return h_all[1:], h_all[-1], c_all[-1].to(dtype) if lstm else None
+    Returns what the backward needs: (h_all (T+1,B,P), m_all, c_all, act, y_all, s_all, iz); the unused
+    ones are one-element placeholders (m_all is h_all[1:] without a projection).
+    """
+    T, B, GH = xproj.shape
+    H, dtype, device = spec.hidden_size, xproj.dtype, xproj.device
+    f32 = dict(dtype=torch.float32, device=device)
+    none = torch.empty(1, **f32)
+    unused = lambda: torch.empty(1, **f32)  # noqa: E731  (a fresh placeholder each: returned by an op)
+    lstm, normed, c = spec.cell == "lstm", spec.norm is not None, spec.config
+    kernel = make_step(spec, B, dtype)
+    w = w_hh.to(dtype)
+    h_all = xproj.new_empty(T + 1, B, h0.shape[-1])
+    h_all[0] = h0
+    wr = None if w_hr is None else w_hr.to(dtype)
+    m_all = h_all[1:] if wr is None else xproj.new_empty(T, B, H)  # what the kernel writes: m = o tanh(c)
+    c_all = torch.empty(T + 1, B, H, **f32) if lstm else unused()
+    if lstm:
+        c_all[0] = c0
+    act = torch.empty(T, B, GH, **f32)
+    y_all = torch.empty(T, B, GH, **f32) if normed else unused()
+    s_all = torch.empty(T, B, GH, **f32) if normed else unused()
+    iz = torch.empty(T, B, spec.gates, **f32) if spec.norm == "online" and c.ecm == "ls" else unused()
+    g, b = (gamma.float().contiguous(), beta.float().contiguous()) if gamma is not None else (none, none)
+    mu, var = (mu, var) if spec.norm == "online" else (none, none)
+    steps = lambda buf: _steps(buf, T + 1)  # noqa: E731
+    h_s, m_s, c_s, act_s, y_s, s_s, iz_s = map(steps, (h_all, m_all, c_all, act, y_all, s_all, iz))
+    pre, w_t = xproj.new_empty(B, GH), w.t()
+    with torch.autocast(device.type, enabled=False):
+        for t in range(T):
+            torch.addmm(xproj[t], h_s[t], w_t, out=pre)
+            kernel.forward(pre, c_s[t], c_s[t + 1], m_s[t], act_s[t], y_s[t], s_s[t], iz_s[t], g, b, mu, var)
+            if wr is not None:
+                torch.mm(m_s[t], wr.t(), out=h_s[t + 1])
+    return h_all, m_all, c_all, act, y_all, s_all, iz
 
-    @staticmethod
-    def backward(ctx, d_out, d_hn, d_cn):
-        spec, kernel, w, g, b, wr = ctx.spec, ctx.kernel, ctx.w, ctx.gamma, ctx.beta, ctx.w_hr
-        h_all, m_all, c_all, act, y_all, s_all, iz = ctx.saved
-        T, B, GH = act.shape
-        H, P, dtype, device, c = spec.hidden_size, h_all.shape[-1], h_all.dtype, h_all.device, spec.config
-        none = torch.empty(1, dtype=torch.float32, device=device)
-        lstm, affine = spec.cell == "lstm", spec.norm is not None and c.affine
-        dh = torch.zeros(B, P, dtype=dtype, device=device) if d_hn is None else d_hn.to(dtype).contiguous().clone()
-        dc = none
-        if lstm:
-            dc = torch.zeros(B, H, dtype=torch.float32, device=device) if d_cn is None else d_cn.float().contiguous().clone()
-        d_pre = torch.empty(T, B, GH, dtype=dtype, device=device)
-        da = torch.empty(T, B, GH, dtype=torch.float32, device=device) if affine else none
-        u, v = (ctx.state.u, ctx.state.v) if spec.norm == "online" else (none, none)
-        steps = lambda buf: _steps(buf, T + 1)  # noqa: E731
-        c_s, act_s, y_s, s_s, iz_s, da_s, dx_s = map(steps, (c_all, act, y_all, s_all, iz, da, d_pre))
-        d_out_s = (None,) * T if d_out is None else steps(d_out.to(dtype).contiguous())
-        dh_all = None if wr is None else torch.empty(T, B, P, dtype=dtype, device=device)
-        dm = None if wr is None else torch.empty(B, H, dtype=dtype, device=device)
-        with torch.autocast(device.type, enabled=False):
-            for t in range(T - 1, -1, -1):
-                d_kernel, d_out_t = dh, d_out_s[t]
-                if wr is not None:  # h = m W_hr^T: the kernel gets dm = (dh + d_out) W_hr as its dh
-                    if d_out_t is None:
-                        dh_all[t].copy_(dh)
-                    else:
-                        torch.add(dh, d_out_t, out=dh_all[t])
-                    d_kernel, d_out_t = torch.mm(dh_all[t], wr, out=dm), None
-                kernel.backward(d_kernel, d_out_t, dc, act_s[t], c_s[t], c_s[t + 1], y_s[t], s_s[t], iz_s[t], g, b,
-                                da_s[t], dx_s[t], u, v)
-                torch.mm(dx_s[t], w, out=dh)
-            d_w = torch.mm(d_pre.view(T * B, GH).t(), h_all[:-1].reshape(T * B, P))
-            d_w_hr = None if wr is None else torch.mm(dh_all.view(T * B, P).t(), m_all.reshape(T * B, H))
-        d_gamma = d_beta = None
-        if affine:
-            d_gamma, d_beta = (da * y_all).sum((0, 1)), da.sum((0, 1))
-        x_dt, h_dt, c_dt, w_dt, g_dt, r_dt = ctx.dtypes
-        return (
-            None, None, d_pre.to(x_dt), dh.to(h_dt), dc.to(c_dt) if lstm else None, d_w.to(w_dt),
-            None if d_gamma is None else d_gamma.to(g_dt), None if d_beta is None else d_beta.to(g_dt),
-            None if d_w_hr is None else d_w_hr.to(r_dt), None,
-        )
+
+def fused_backward(spec, saved, d_out, d_hn, d_cn, w_hh, gamma, beta, w_hr, u, v, make_step):
+    """Steps T-1..0 from ``fused_forward``'s ``saved``; ``u``, ``v`` (online, training) updated in place.
+
+    ``d_out`` (T,B,P), ``d_hn``, ``d_cn`` may be None.  Returns dL/d(xproj, h0, c0, w_hh, gamma, beta, w_hr)
+    in the activation dtype (float32 for c0, gamma, beta), None where there is no such input.
+    """
+    h_all, m_all, c_all, act, y_all, s_all, iz = saved
+    T, B, GH = act.shape
+    H, P, dtype, device, c = spec.hidden_size, h_all.shape[-1], h_all.dtype, h_all.device, spec.config
+    none = torch.empty(1, dtype=torch.float32, device=device)
+    lstm, affine = spec.cell == "lstm", spec.norm is not None and spec.config.affine
+    kernel = make_step(spec, B, dtype)
+    w = w_hh.to(dtype)
+    wr = None if w_hr is None else w_hr.to(dtype)
+    g, b = (gamma.float().contiguous(), beta.float().contiguous()) if gamma is not None else (none, none)
+    dh = torch.zeros(B, P, dtype=dtype, device=device) if d_hn is None else d_hn.to(dtype).contiguous().clone()
+    dc = none
+    if lstm:
+        dc = torch.zeros(B, H, dtype=torch.float32, device=device) if d_cn is None else d_cn.float().contiguous().clone()
+    d_pre = torch.empty(T, B, GH, dtype=dtype, device=device)
+    da = torch.empty(T, B, GH, dtype=torch.float32, device=device) if affine else none
+    u, v = (u, v) if spec.norm == "online" and u is not None else (none, none)  # None: eval, no control
+    steps = lambda buf: _steps(buf, T + 1)  # noqa: E731
+    c_s, act_s, y_s, s_s, iz_s, da_s, dx_s = map(steps, (c_all, act, y_all, s_all, iz, da, d_pre))
+    d_out_s = (None,) * T if d_out is None else steps(d_out.to(dtype).contiguous())
+    dh_all = None if wr is None else torch.empty(T, B, P, dtype=dtype, device=device)
+    dm = None if wr is None else torch.empty(B, H, dtype=dtype, device=device)
+    with torch.autocast(device.type, enabled=False):
+        for t in range(T - 1, -1, -1):
+            d_kernel, d_out_t = dh, d_out_s[t]
+            if wr is not None:  # h = m W_hr^T: the kernel gets dm = (dh + d_out) W_hr as its dh
+                if d_out_t is None:
+                    dh_all[t].copy_(dh)
+                else:
+                    torch.add(dh, d_out_t, out=dh_all[t])
+                d_kernel, d_out_t = torch.mm(dh_all[t], wr, out=dm), None
+            kernel.backward(d_kernel, d_out_t, dc, act_s[t], c_s[t], c_s[t + 1], y_s[t], s_s[t], iz_s[t], g, b,
+                            da_s[t], dx_s[t], u, v)
+            torch.mm(dx_s[t], w, out=dh)
+        d_w = torch.mm(d_pre.view(T * B, GH).t(), h_all[:-1].reshape(T * B, P))
+        d_w_hr = None if wr is None else torch.mm(dh_all.view(T * B, P).t(), m_all.reshape(T * B, H))
+    d_gamma = d_beta = None
+    if affine:
+        d_gamma, d_beta = (da * y_all).sum((0, 1)), da.sum((0, 1))
+    return d_pre, dh, dc if lstm else None, d_w, d_gamma, d_beta, d_w_hr
