@@ -504,11 +504,65 @@ class RecurrenceFunction(torch.autograd.Function):
     def forward(ctx, spec, state, xproj, h0, c0, w_hh, gamma, beta, w_hr):
         ctx.spec, ctx.forward = spec, torch_forward(spec, state, xproj, h0, c0, w_hh, gamma, beta, w_hr)
         ctx.dtypes = [None if t is None else t.dtype for t in (xproj, h0, c0, w_hh, gamma, beta, w_hr)]
+        if spec.norm != "online":  # for a double backward, which recomputes the forward
+            ctx.save_for_backward(xproj, h0, c0, w_hh, gamma, beta, w_hr)
         h_all, cell = ctx.forward[2], ctx.forward[1]
         c_last = cell.final_cell()
         return h_all[1:].to(xproj.dtype), h_all[-1].to(xproj.dtype), None if c_last is None else c_last.to(xproj.dtype)
 
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn):
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
+            return (None, None, *_differentiable_backward(ctx, d_out, d_hn, d_cn))
         grads = torch_backward(ctx.spec, ctx.forward, d_out, d_hn, d_cn)
         return (None, None, *(None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)))
+
+
+def _differentiable_backward(ctx, d_out, d_hn, d_cn):
+    """The backward as a graph of plain ops (double backward): the forward recomputed step by step by
+    ``eval_recurrence`` -- the training forward too when there are no running statistics -- and
+    differentiated with ``create_graph``.  Online Normalization's backward updates its control state, so a
+    differentiable version of it is not offered."""
+    if ctx.spec.norm == "online":
+        raise RuntimeError("double backward (create_graph=True) through seqnorm layers is supported for "
+                           "norm='layer' and norm=None on backend='torch', not for norm='online'")
+    inputs = ctx.saved_tensors  # with their history: the grads below stay connected to the outer graph
+    out, h, c = eval_recurrence(ctx.spec, None, *inputs)
+    pairs = [(o, g) for o, g in ((out, d_out), (h, d_hn), (c, d_cn)) if o is not None and g is not None]
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    found = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True,
+                                     allow_unused=True))
+    return tuple(next(found) if t is not None and t.requires_grad else None for t in inputs)
+
+
+def eval_recurrence(spec, state, xproj, h0, c0, w_hh, gamma, beta, w_hr):
+    """Inference (frozen statistics) in plain differentiable ops, one step after another: what an ONNX export
+    records (every step unrolled, no custom op).  Same (out, h_T, c_T) as the eval forward above."""
+    c, H, G = spec.config, spec.hidden_size, spec.gates
+    h, cell, outs = h0, c0, []
+    if spec.norm == "online":
+        mu, rstd = state.mu.to(xproj.dtype), torch.rsqrt(state.var.to(xproj.dtype) + c.eps)
+    for x_t in xproj.unbind(0):
+        z = x_t + h @ w_hh.t()
+        if spec.norm is not None:
+            if spec.norm == "online":
+                z = (z - mu) * rstd  # eq. 8a with the running statistics
+            else:
+                z = torch.nn.functional.layer_norm(z.view(-1, G, H), (H,), eps=c.eps).view_as(z)
+            if gamma is not None:
+                z = z * gamma + beta
+            if spec.norm == "online" and c.ecm == "ls":  # eq. 9, per gate
+                grouped = z.view(-1, G, H)
+                z = (grouped * torch.rsqrt((grouped * grouped).mean(-1, keepdim=True) + c.ls_eps)).view_as(z)
+            elif spec.norm == "online" and c.ecm == "ac":
+                z = z.clamp(-c.clamp_value, c.clamp_value)
+        if spec.cell == "lstm":
+            i, f, g, o = z.chunk(4, -1)
+            cell = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(cell)
+            if w_hr is not None:
+                h = h @ w_hr.t()
+        else:
+            h = torch.relu(z) if spec.nonlinearity == "relu" else torch.tanh(z)
+        outs.append(h)
+    return torch.stack(outs), h, cell

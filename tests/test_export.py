@@ -1,6 +1,7 @@
 """The layers under torch.export, torch.compile(fullgraph=True) and torch.jit.trace (the custom op
 ``seqnorm::recurrence``): the same outputs, gradients and Online Normalization state as eager."""
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -110,3 +111,101 @@ def test_op_passes_opcheck():
             state.mu, state.var, state.u, state.v, spec, "cpu")
     torch.library.opcheck(torch.ops.seqnorm.recurrence, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.parametrize("cell,norm,ecm,kw", [("lstm", "online", "ls", {}), ("lstm", "online", "ac", {}),
+                                              ("lstm", "online", "none", {"affine": False}),
+                                              ("lstm", "layer", "ls", {"proj_size": 3}), ("lstm", None, "ls", {}),
+                                              ("rnn", "online", "ls", {"nonlinearity": "relu"}), ("rnn", "layer", "ls", {})])
+def test_onnx_inference_path_equals_eager_eval(cell, norm, ecm, kw, monkeypatch):
+    """What an ONNX export records (sequence.eval_recurrence, plain ops) against the eager eval forward."""
+    from seqnorm import layers
+
+    torch.manual_seed(0)
+    cls = seqnorm.LSTM if cell == "lstm" else seqnorm.RNN
+    layer = cls(4, 6, 2, bidirectional=True, norm=norm, ecm=ecm, alpha_fwd=0.9, **kw)
+    layer(torch.randn(7, 3, 4) * 2 + 1)[0].sum().backward()  # statistics away from 0 / 1
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if name.startswith("norm_"):
+                p.add_(torch.randn_like(p) * 0.3)
+    layer.eval()
+    x = torch.randn(5, 3, 4)
+    want = layer(x)
+    monkeypatch.setattr(layers, "_tracing", lambda: True)
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    got = layer(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    layer.train()
+    with pytest.raises(RuntimeError, match="model.eval"):
+        layer(x)
+
+
+class WordModel(torch.nn.Module):
+    """pytorch/examples' word_language_model RNNModel, reduced: encoder, seqnorm.LSTM, tied decoder."""
+
+    def __init__(self, ntoken=30, nhid=8):
+        super().__init__()
+        self.encoder = torch.nn.Embedding(ntoken, nhid)
+        self.rnn = seqnorm.LSTM(nhid, nhid, 2)
+        self.decoder = torch.nn.Linear(nhid, ntoken)
+        self.decoder.weight = self.encoder.weight
+
+    def forward(self, ids, hidden):
+        out, hidden = self.rnn(self.encoder(ids), hidden)
+        return self.decoder(out), hidden
+
+
+@pytest.mark.filterwarnings("ignore")  # the exporter's own notices
+def test_onnx_export_runs_in_onnxruntime(tmp_path):
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = WordModel()
+    ids = torch.randint(0, 30, (6, 2))
+    model(ids, None)[0].sum().backward()  # trained statistics
+    model.eval()
+    hidden = (torch.zeros(2, 2, 8), torch.zeros(2, 2, 8))
+    torch.onnx.export(model, (ids, hidden), tmp_path / "model.onnx")
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"))
+    names = [i.name for i in session.get_inputs()]
+    test_ids = torch.randint(0, 30, (6, 2))
+    h0 = (torch.randn(2, 2, 8), torch.randn(2, 2, 8))
+    got = session.run(None, dict(zip(names, [test_ids.numpy(), h0[0].numpy(), h0[1].numpy()])))
+    with torch.no_grad():
+        logits, (h, c) = model(test_ids, h0)
+    for g, w in zip(got, (logits, h, c)):
+        torch.testing.assert_close(torch.from_numpy(g), w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_word_language_model_pipeline(tmp_path):
+    """pytorch/examples' word_language_model flow with only the layer's construction changed: train with
+    repackaged hidden states and clipping, save the whole model, reload with weights_only and the client's own
+    allowlist, flatten_parameters, evaluate, export to ONNX."""
+    torch.manual_seed(0)
+    model, data = WordModel(), torch.randint(0, 30, (41, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    hidden, losses = None, []
+    for i in range(0, 40, 8):
+        hidden = None if hidden is None else tuple(h.detach() for h in hidden)
+        logits, hidden = model(data[i:i + 8], hidden)
+        loss = torch.nn.functional.cross_entropy(logits.view(-1, 30), data[i + 1:i + 9].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(map(torch.isfinite, map(torch.tensor, losses)))
+    torch.save(model, tmp_path / "model.pt")
+    with torch.serialization.safe_globals([WordModel, torch.nn.Embedding, torch.nn.Linear]):
+        loaded = torch.load(tmp_path / "model.pt", weights_only=True)
+    loaded.rnn.flatten_parameters()
+    model.eval()
+    loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(data[:8], None)[0], model(data[:8], None)[0])
+    if importlib.util.find_spec("onnxscript"):
+        hidden = (torch.zeros(2, 4, 8), torch.zeros(2, 4, 8))
+        torch.onnx.export(loaded, (data[:8], hidden), tmp_path / "model.onnx")
+        assert (tmp_path / "model.onnx").stat().st_size > 0
