@@ -377,6 +377,18 @@ def test_bidirectional_without_norm_equals_torch_nn(cls, ref_cls, batch_first):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def assert_grads_and_states(layer, ref, states, tol):
+    """Parameter gradients against the reference layer's, each direction's ON state against its loop's."""
+    for (name, q), (_, q_ref) in zip(layer.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(q.grad.double(), q_ref.grad, **tol, msg=name)
+    for d, sfx in enumerate(("", "_reverse")):
+        norm = getattr(layer, f"norm_l0{sfx}")
+        for buf, key in zip((norm.running_mean, norm.running_var, norm.control_u, norm.control_v),
+                            ("mu", "var", "u", "v")):
+            assert buf.isfinite().all()
+            torch.testing.assert_close(buf.double(), states[d][key], **tol, msg=f"{sfx} {key}")
+
+
 @pytest.mark.parametrize("backend,dtype", BACKENDS, ids=BACKEND_IDS)
 @pytest.mark.parametrize("cell", ["lstm", "rnn"])
 def test_bidirectional_online_equals_per_step_loops(cell, backend, dtype):
@@ -410,13 +422,7 @@ def test_bidirectional_online_equals_per_step_loops(cell, backend, dtype):
         (got * w.to(dtype)).sum().backward()
         torch.testing.assert_close(got.double(), want, **tol)
         torch.testing.assert_close(xs[1].grad.double(), xs[0].grad, **tol)
-        for (name, q), (_, q_ref) in zip(layer.named_parameters(), ref.named_parameters()):
-            torch.testing.assert_close(q.grad.double(), q_ref.grad, **tol, msg=name)
-        for d, sfx in enumerate(("", "_reverse")):
-            norm = getattr(layer, f"norm_l0{sfx}")
-            for buf, key in zip((norm.running_mean, norm.running_var, norm.control_u, norm.control_v),
-                                ("mu", "var", "u", "v")):
-                torch.testing.assert_close(buf.double(), states[d][key], **tol, msg=f"{sfx} {key}")
+        assert_grads_and_states(layer, ref, states, tol)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
@@ -560,14 +566,7 @@ def test_packed_bidirectional_online_equals_per_step_loops_over_the_active_rows(
             torch.testing.assert_close(g.double(), f, **tol)
         torch.testing.assert_close(xs[1].grad.double().where(mask, 0), xs[0].grad.where(mask, 0), **tol)
         assert not xs[1].grad.where(mask, 0).isnan().any()
-        for (name, q), (_, q_ref) in zip(layer.named_parameters(), ref.named_parameters()):
-            torch.testing.assert_close(q.grad.double(), q_ref.grad, **tol, msg=name)
-        for d, sfx in enumerate(("", "_reverse")):
-            norm = getattr(layer, f"norm_l0{sfx}")
-            for buf, key in zip((norm.running_mean, norm.running_var, norm.control_u, norm.control_v),
-                                ("mu", "var", "u", "v")):
-                assert buf.isfinite().all()
-                torch.testing.assert_close(buf.double(), states[d][key], **tol, msg=f"{sfx} {key}")
+        assert_grads_and_states(layer, ref, states, tol)
 
 
 def test_packed_input_errors_name_what_is_wrong():
