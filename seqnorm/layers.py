@@ -27,7 +27,7 @@ from ._compile import assume_constant_result
 from .cells import NONLINEARITIES
 from .norms import OnlineNormConfig, build_norm, canonical_norm, make_config
 from .packing import Packing
-from .sequence import RecurrenceFunction, RecurrenceSpec, eval_recurrence
+from .sequence import RecurrenceFunction, RecurrenceSpec, plain_recurrence
 
 PAPER_RNN_CONFIG = OnlineNormConfig(alpha_fwd=1 - 2**-14, alpha_bkw=1 - 2**-7)
 
@@ -47,7 +47,7 @@ def _recurrence(backend, spec_text, state, xproj, h0, c0, w_hh, gamma, beta, w_h
         if spec.training:
             raise RuntimeError("ONNX export of seqnorm layers is for inference: call model.eval() first (in "
                                "training the statistics update and the backward need seqnorm's own op)")
-        return eval_recurrence(spec, state, xproj, h0, c0, w_hh, gamma, beta, w_hr)
+        return plain_recurrence(spec, state, xproj, h0, c0, w_hh, gamma, beta, w_hr)
     return ops.run(spec_text, backend, state, xproj, h0, c0, w_hh, gamma, beta, w_hr)
 
 

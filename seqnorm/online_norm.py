@@ -70,9 +70,11 @@ def all_finite(*tensors: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-def _forward_loop(x, state, alpha, eps):
-    """x: (N, C, L). Returns y (N, C, L) and s (N, C), the scale each row used."""
-    mu, var = state.mu.to(x.dtype), state.var.to(x.dtype)
+def forward_rows(x, mu, var, alpha, eps):
+    """Eq. 8 over the rows of x (N, C, L) from the statistics (mu, var), in plain differentiable ops.
+
+    Returns y (N, C, L), s (N, C) (the scale each row used) and the statistics after the last row.
+    """
     ys, ss = [], []
     for row in x:
         s = torch.sqrt(var + eps)  # state before this sample
@@ -82,14 +84,22 @@ def _forward_loop(x, state, alpha, eps):
         new_var = alpha * var + (1 - alpha) * row.var(-1, unbiased=False) + alpha * (1 - alpha) * d**2  # eq. 8c
         new_mu = mu + (1 - alpha) * d  # eq. 8b
         mu, var = _keep_finite((new_mu, new_var), (mu, var))
+    return torch.stack(ys), torch.stack(ss), mu, var
+
+
+def _forward_loop(x, state, alpha, eps):
+    """x: (N, C, L). Returns y (N, C, L) and s (N, C); ``state.mu/var`` updated."""
+    y, s, mu, var = forward_rows(x, state.mu.to(x.dtype), state.var.to(x.dtype), alpha, eps)
     state.mu.copy_(mu)
     state.var.copy_(var)
-    return torch.stack(ys), torch.stack(ss)
+    return y, s
 
 
-def _backward_loop(g, y, s, state, alpha_bkw, v_decay_min):
-    """Control process, rows in order 0..N-1. g, y: (N, C, L); s: (N, C)."""
-    u, v = state.u.to(g.dtype), state.v.to(g.dtype)
+def control_rows(g, y, s, u, v, alpha_bkw, v_decay_min):
+    """The control process (eqs. 11-12) over rows 0..N-1 from (u, v), in plain differentiable ops.
+
+    g, y: (N, C, L); s: (N, C).  Returns dL/dx (N, C, L) and (u, v) after the last row.
+    """
     beta = 1 - alpha_bkw
     out = []
     for g_n, y_n, s_n in zip(g, y, s):
@@ -102,9 +112,15 @@ def _backward_loop(g, y, s, state, alpha_bkw, v_decay_min):
         new_u = u + dx.mean(-1)  # eq. 12b
         u, v = _keep_finite((new_u, new_v), (u, v))
         out.append(dx)
+    return torch.stack(out), u, v
+
+
+def _backward_loop(g, y, s, state, alpha_bkw, v_decay_min):
+    """Control process, rows in order 0..N-1; ``state.u/v`` updated."""
+    dx, u, v = control_rows(g, y, s, state.u.to(g.dtype), state.v.to(g.dtype), alpha_bkw, v_decay_min)
     state.u.copy_(u)
     state.v.copy_(v)
-    return torch.stack(out)
+    return dx
 
 
 # --- fast path: the same recurrences as scans over rows ------------------------

@@ -165,8 +165,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grads):
     if torch.is_grad_enabled():
-        raise RuntimeError(f"double backward (create_graph=True) is not supported by backend={ctx.backend!r}: use "
-                           "backend='torch' with norm='layer' or norm=None")
+        raise RuntimeError(f"double backward (create_graph=True) is not supported by backend={ctx.backend!r}: "
+                           "use backend='torch'")
     d_h_all, d_c = grads[0], grads[1]
     xproj, h0, c0, w_hh, gamma, beta, w_hr, *outputs = ctx.saved_tensors
     lstm = decode_spec(ctx.spec).cell == "lstm"

@@ -28,7 +28,7 @@ import torch
 
 from . import scan
 from .norms import OnlineNormConfig
-from .online_norm import all_finite
+from .online_norm import all_finite, control_rows, forward_rows
 
 
 @dataclass(frozen=True)
@@ -498,71 +498,151 @@ def torch_backward(spec, forward, d_out, d_hn, d_cn):
 class RecurrenceFunction(torch.autograd.Function):
     """(spec, state, xproj (T,B,G*H), h0 (B,P), c0 (B,H) or None, w_hh (G*H,P), gamma, beta, w_hr (P,H) or None)
     -> out (T,B,P), h_T, c_T.  P = H without a projection (w_hr None).  The eager torch path: what the
-    backward needs stays in the step objects; traced, ``seqnorm.ops`` runs the same two functions."""
+    backward needs stays in the step objects; traced, ``seqnorm.ops`` runs the same two functions.
+    With ``create_graph=True`` the backward is ``_graphed_backward`` (double backward)."""
 
     @staticmethod
     def forward(ctx, spec, state, xproj, h0, c0, w_hh, gamma, beta, w_hr):
+        online = spec.norm == "online" and spec.training
+        ctx.before = (state.mu.clone(), state.var.clone()) if online else None  # for a double backward
         ctx.spec, ctx.forward = spec, torch_forward(spec, state, xproj, h0, c0, w_hh, gamma, beta, w_hr)
         ctx.dtypes = [None if t is None else t.dtype for t in (xproj, h0, c0, w_hh, gamma, beta, w_hr)]
-        if spec.norm != "online":  # for a double backward, which recomputes the forward
-            ctx.save_for_backward(xproj, h0, c0, w_hh, gamma, beta, w_hr)
+        ctx.state = state
+        ctx.save_for_backward(xproj, h0, c0, w_hh, gamma, beta, w_hr)
         h_all, cell = ctx.forward[2], ctx.forward[1]
         c_last = cell.final_cell()
         return h_all[1:].to(xproj.dtype), h_all[-1].to(xproj.dtype), None if c_last is None else c_last.to(xproj.dtype)
 
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn):
+        if getattr(ctx, "graphed", False):  # a higher-order pass reaching this forward's output
+            return (None, None, *_exact_backward(ctx, d_out, d_hn, d_cn))
         if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
-            return (None, None, *_differentiable_backward(ctx, d_out, d_hn, d_cn))
+            ctx.graphed = True
+            return (None, None, *_graphed_backward(ctx, d_out, d_hn, d_cn))
         grads = torch_backward(ctx.spec, ctx.forward, d_out, d_hn, d_cn)
         return (None, None, *(None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)))
 
 
-def _differentiable_backward(ctx, d_out, d_hn, d_cn):
-    """The backward as a graph of plain ops (double backward): the forward recomputed step by step by
-    ``eval_recurrence`` -- the training forward too when there are no running statistics -- and
-    differentiated with ``create_graph``.  Online Normalization's backward updates its control state, so a
-    differentiable version of it is not offered."""
-    if ctx.spec.norm == "online":
-        raise RuntimeError("double backward (create_graph=True) through seqnorm layers is supported for "
-                           "norm='layer' and norm=None on backend='torch', not for norm='online'")
-    inputs = ctx.saved_tensors  # with their history: the grads below stay connected to the outer graph
-    out, h, c = eval_recurrence(ctx.spec, None, *inputs)
-    pairs = [(o, g) for o, g in ((out, d_out), (h, d_hn), (c, d_cn)) if o is not None and g is not None]
-    wanted = [t for t in inputs if t is not None and t.requires_grad]
-    found = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True,
-                                     allow_unused=True))
+def _normalized_step(spec, y, cell, gamma, beta, w_hr, frozen=None):
+    """From the normalizer's input side to the new (h, c): y is the Online Normalization output (online,
+    training), else the pre-activation (normalized here: ``frozen`` = (mu, rstd) in eval, layer norm).
+    Affine, ECM (online), gates, cell, projection."""
+    c, H, G = spec.config, spec.hidden_size, spec.gates
+    z = y
+    if frozen is not None:
+        z = (z - frozen[0]) * frozen[1]  # eq. 8a with the running statistics
+    if spec.norm == "layer":
+        z = torch.nn.functional.layer_norm(z.view(-1, G, H), (H,), eps=c.eps).view_as(z)
+    if spec.norm is not None and gamma is not None:
+        z = z * gamma + beta
+    if spec.norm == "online" and c.ecm == "ls":  # eq. 9, per gate
+        grouped = z.view(-1, G, H)
+        z = (grouped * torch.rsqrt((grouped * grouped).mean(-1, keepdim=True) + c.ls_eps)).view_as(z)
+    elif spec.norm == "online" and c.ecm == "ac":
+        z = z.clamp(-c.clamp_value, c.clamp_value)
+    if spec.cell == "rnn":
+        return (torch.relu(z) if spec.nonlinearity == "relu" else torch.tanh(z)), None
+    i, f, g, o = z.chunk(4, -1)
+    cell = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
+    h = torch.sigmoid(o) * torch.tanh(cell)
+    return (h if w_hr is None else h @ w_hr.t()), cell
+
+
+def _plain_steps(ctx, inputs):
+    """The training forward again in plain ops (exact graph, from the statistics it started from):
+    per step (h_prev, c_prev, c_in, y, s, params, h, c), where c_in and params are this step's own aliases of
+    c_prev and (gamma, beta, w_hr), so that a per-step autograd.grad reaches only this step's use of them."""
+    spec, c = ctx.spec, ctx.spec.config
+    xproj, h0, c0, w_hh, gamma, beta, w_hr = inputs
+    online, frozen = spec.norm == "online" and spec.training, None
+    if online:
+        mu, var = ctx.before
+    elif spec.norm == "online":  # eval: frozen statistics
+        frozen = (ctx.state.mu.to(xproj.dtype, copy=True), torch.rsqrt(ctx.state.var.to(xproj.dtype) + c.eps))
+    steps, h, cell = [], h0, c0
+    for x_t in xproj.unbind(0):
+        y, s = x_t + h @ w_hh.t(), None
+        if online:
+            y, s, mu, var = forward_rows(y.unsqueeze(-1), mu.to(y.dtype), var.to(y.dtype), c.alpha_fwd, c.eps)
+            y = y.squeeze(-1)
+        params = [None if q is None else q.view_as(q) for q in (gamma, beta, w_hr)]
+        c_in = None if cell is None else cell.view_as(cell)
+        h_new, c_new = _normalized_step(spec, y, c_in, *params, frozen=frozen)
+        steps.append((h, cell, c_in, y, s, params, h_new, c_new))
+        h, cell = h_new, c_new
+    return steps
+
+
+def _exact_backward(ctx, d_out, d_hn, d_cn):
+    """The exact vector-Jacobian product of this layer's forward (a higher-order pass); moves no state."""
+    inputs = ctx.saved_tensors
+    with torch.enable_grad():
+        steps = _plain_steps(ctx, inputs)
+        out = torch.stack([st[6] for st in steps])
+        pairs = [(o, g) for o, g in ((out, d_out), (steps[-1][6], d_hn), (steps[-1][7], d_cn))
+                 if o is not None and g is not None]
+        wanted = [t for t in inputs if t is not None and t.requires_grad]
+        found = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                         create_graph=torch.is_grad_enabled(), allow_unused=True))
     return tuple(next(found) if t is not None and t.requires_grad else None for t in inputs)
 
 
-def eval_recurrence(spec, state, xproj, h0, c0, w_hh, gamma, beta, w_hr):
+def _graphed_backward(ctx, d_out, d_hn, d_cn):
+    """The first-order backward (create_graph=True) as plain ops that autograd can differentiate again.
+
+    The forward is recomputed with its exact graph (``_plain_steps``); then steps T-1..0: autograd through
+    the step's own affine, ECM and cell gives dL/dy, and Online Normalization's control process (eqs. 11-12,
+    u and v carried as graph tensors) turns it into dL/dpre, as the hand-written backward does; the buffers
+    u, v end where that backward would leave them."""
+    spec, c = ctx.spec, ctx.spec.config
+    inputs = ctx.saved_tensors
+    xproj, h0, c0, w_hh, gamma, beta, w_hr = inputs
+    lstm, online = spec.cell == "lstm", spec.norm == "online" and spec.training
+    steps = _plain_steps(ctx, inputs)
+    u, v = (ctx.state.u.to(xproj.dtype, copy=True), ctx.state.v.to(xproj.dtype, copy=True)) if online else (None, None)
+    dh = torch.zeros_like(h0) if d_hn is None else d_hn
+    dc = (torch.zeros_like(c0) if d_cn is None else d_cn) if lstm else None
+    d_pre, d_w, d_params = [], torch.zeros_like(w_hh), [None, None, None]
+    for t in range(len(steps) - 1, -1, -1):
+        h_prev, _, c_in, y, s, params, h_t, c_t = steps[t]
+        if d_out is not None:
+            dh = dh + d_out[t]
+        outs, grads = ([h_t, c_t], [dh, dc]) if lstm else ([h_t], [dh])
+        used = [q for q in params if q is not None and q.requires_grad]
+        c_wanted = lstm and c_in.requires_grad  # not at step 0 when c0 needs no gradient
+        found = list(torch.autograd.grad(outs, [y] + ([c_in] if c_wanted else []) + used, grads, create_graph=True,
+                                         allow_unused=True))
+        dy = found.pop(0)
+        if lstm:
+            dc = found.pop(0) if c_wanted else None
+        for k, q in enumerate(params):
+            if q is not None and q.requires_grad:
+                g = found.pop(0)
+                if g is not None:
+                    d_params[k] = g if d_params[k] is None else d_params[k] + g
+        if online:
+            dp, u, v = control_rows(dy.unsqueeze(-1), y.unsqueeze(-1), s, u, v, c.alpha_bkw, c.v_decay_min)
+            dp = dp.squeeze(-1)
+        else:
+            dp = dy
+        d_pre.append(dp)
+        d_w = d_w + dp.t() @ h_prev
+        dh = dp @ w_hh
+    if online:
+        with torch.no_grad():
+            ctx.state.u.copy_(u)
+            ctx.state.v.copy_(v)
+    return torch.stack(d_pre[::-1]), dh, dc, d_w, *d_params
+
+
+def plain_recurrence(spec, state, xproj, h0, c0, w_hh, gamma, beta, w_hr):
     """Inference (frozen statistics) in plain differentiable ops, one step after another: what an ONNX export
     records (every step unrolled, no custom op).  Same (out, h_T, c_T) as the eval forward above."""
-    c, H, G = spec.config, spec.hidden_size, spec.gates
-    h, cell, outs = h0, c0, []
+    h, cell, outs, frozen = h0, c0, [], None
     if spec.norm == "online":
-        mu, rstd = state.mu.to(xproj.dtype), torch.rsqrt(state.var.to(xproj.dtype) + c.eps)
+        frozen = (state.mu.to(xproj.dtype), torch.rsqrt(state.var.to(xproj.dtype) + spec.config.eps))
     for x_t in xproj.unbind(0):
-        z = x_t + h @ w_hh.t()
-        if spec.norm is not None:
-            if spec.norm == "online":
-                z = (z - mu) * rstd  # eq. 8a with the running statistics
-            else:
-                z = torch.nn.functional.layer_norm(z.view(-1, G, H), (H,), eps=c.eps).view_as(z)
-            if gamma is not None:
-                z = z * gamma + beta
-            if spec.norm == "online" and c.ecm == "ls":  # eq. 9, per gate
-                grouped = z.view(-1, G, H)
-                z = (grouped * torch.rsqrt((grouped * grouped).mean(-1, keepdim=True) + c.ls_eps)).view_as(z)
-            elif spec.norm == "online" and c.ecm == "ac":
-                z = z.clamp(-c.clamp_value, c.clamp_value)
-        if spec.cell == "lstm":
-            i, f, g, o = z.chunk(4, -1)
-            cell = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(cell)
-            if w_hr is not None:
-                h = h @ w_hr.t()
-        else:
-            h = torch.relu(z) if spec.nonlinearity == "relu" else torch.tanh(z)
+        h, cell = _normalized_step(spec, x_t + h @ w_hh.t(), cell, gamma, beta, w_hr, frozen)
         outs.append(h)
     return torch.stack(outs), h, cell

@@ -118,7 +118,7 @@ def test_op_passes_opcheck():
                                               ("lstm", "layer", "ls", {"proj_size": 3}), ("lstm", None, "ls", {}),
                                               ("rnn", "online", "ls", {"nonlinearity": "relu"}), ("rnn", "layer", "ls", {})])
 def test_onnx_inference_path_equals_eager_eval(cell, norm, ecm, kw, monkeypatch):
-    """What an ONNX export records (sequence.eval_recurrence, plain ops) against the eager eval forward."""
+    """What an ONNX export records (sequence.plain_recurrence, plain ops) against the eager eval forward."""
     from seqnorm import layers
 
     torch.manual_seed(0)
