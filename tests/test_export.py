@@ -44,6 +44,7 @@ def assert_all_close(got, want):
 
 
 def pair(cell, backend, train):
+    require(backend)
     torch.manual_seed(0)
     model = Client(cell, backend).train(train)
     model(torch.randn(3, 2, 4)).sum().backward()  # statistics away from their initial values
@@ -54,11 +55,17 @@ def pair(cell, backend, train):
 BACKENDS = ["torch", "cpu", "triton"]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("cell", ["lstm", "rnn"])
-@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def every_case(test):
+    """Each backend, LSTM and RNN, train and eval mode."""
+    marks = (pytest.mark.parametrize("backend", BACKENDS), pytest.mark.parametrize("cell", ["lstm", "rnn"]),
+             pytest.mark.parametrize("train", [True, False], ids=["train", "eval"]))
+    for mark in marks:
+        test = mark(test)
+    return test
+
+
+@every_case
 def test_compile_fullgraph_equals_eager(cell, backend, train):
-    require(backend)
     eager, compiled = pair(cell, backend, train)
     x = torch.randn(5, 3, 4)
     torch._dynamo.reset()  # each case compiles a new model: no recompile limit across the cases
@@ -66,11 +73,8 @@ def test_compile_fullgraph_equals_eager(cell, backend, train):
     assert_all_close(run(fn, compiled, x, train), run(eager, eager, x, train))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("cell", ["lstm", "rnn"])
-@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@every_case
 def test_export_equals_eager(cell, backend, train):
-    require(backend)
     eager, model = pair(cell, backend, train)
     x = torch.randn(5, 3, 4)
     program = torch.export.export(model, (x,))
@@ -85,11 +89,8 @@ def test_export_equals_eager(cell, backend, train):
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # shape checks on the input, as in torch.nn
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("cell", ["lstm", "rnn"])
-@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@every_case
 def test_jit_trace_equals_eager(cell, backend, train):
-    require(backend)
     eager, model = pair(cell, backend, train)
     before = copy.deepcopy(model.state_dict())
     x = torch.randn(5, 3, 4)
