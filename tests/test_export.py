@@ -210,3 +210,12 @@ def test_word_language_model_pipeline(tmp_path):
         hidden = (torch.zeros(2, 4, 8), torch.zeros(2, 4, 8))
         torch.onnx.export(loaded, (data[:8], hidden), tmp_path / "model.onnx")
         assert (tmp_path / "model.onnx").stat().st_size > 0
+
+
+def test_compile_fullgraph_with_inductor_equals_eager():
+    """The default compiler (inductor) around the default CPU backend: one case, as users run it."""
+    eager, compiled = pair("lstm", "cpu", True)
+    x = torch.randn(5, 3, 4)
+    torch._dynamo.reset()
+    fn = torch.compile(compiled, fullgraph=True)
+    assert_all_close(run(fn, compiled, x, True), run(eager, eager, x, True))
