@@ -1,10 +1,10 @@
 """Which implementation runs a layer's recurrence.
 
 - ``"torch"``: ``seqnorm.sequence.RecurrenceFunction``, plain PyTorch ops, any device and dtype.
-- ``"triton"``: ``seqnorm.kernels.recurrence.FusedRecurrenceFunction`` on the Triton
+- ``"triton"``: the custom op ``seqnorm::recurrence`` (``seqnorm.ops``) on the Triton
   step kernels (one launch per time step); CUDA tensors, or CPU tensors under
   Triton's interpreter (``TRITON_INTERPRET=1`` set before the kernels are imported).
-- ``"cpu"``: the same Function on the C twin of those kernels (``kernels/cpu_step.c``,
+- ``"cpu"``: the same op on the C twin of those kernels (``kernels/cpu_step.c``,
   built with the system C compiler at first use); float32 CPU tensors.
 - ``"auto"`` (default): the value of ``$SEQNORM_BACKEND`` if set, else
   ``"triton"`` for float32/bfloat16/float16 CUDA tensors when Triton is
