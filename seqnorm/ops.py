@@ -31,18 +31,20 @@ from .online_norm import OnlineNormState
 from .sequence import RecurrenceSpec, torch_backward, torch_forward
 
 
-def _step_factory(backend: str):
-    if backend == "cpu":
-        from .kernels.cpu_step import CPUStep
+def _cpu_step():
+    from .kernels.cpu_step import CPUStep
 
-        return CPUStep
+    return CPUStep
+
+
+def _triton_step():
     from .kernels.step import TritonStep
 
     return TritonStep
 
 
-# what makes a fused backend's step launcher; tests swap in other launch geometries
-STEP_FACTORIES = {"cpu": lambda: _step_factory("cpu"), "triton": lambda: _step_factory("triton")}
+# what makes a fused backend's step launcher (imported at first use); tests swap in other launch geometries
+STEP_FACTORIES = {"cpu": _cpu_step, "triton": _triton_step}
 
 
 def encode_spec(spec: RecurrenceSpec) -> str:
@@ -59,10 +61,6 @@ def decode_spec(text: str) -> RecurrenceSpec:
 
 def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
-
-
-def _none_if_empty(t: Tensor) -> Optional[Tensor]:
-    return None if t.numel() == 0 else t
 
 
 def _shapes(spec: RecurrenceSpec, xproj: Tensor, h0: Tensor, backend: str, has_proj: bool, mu: Optional[Tensor]):

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from . import scan
+from .cells import NONLINEARITIES
+from .ecm import apply_ecm
 from .norms import OnlineNormConfig
 from .online_norm import all_finite, control_rows, forward_rows
 
@@ -536,13 +538,10 @@ def _normalized_step(spec, y, cell, gamma, beta, w_hr, frozen=None):
         z = torch.nn.functional.layer_norm(z.view(-1, G, H), (H,), eps=c.eps).view_as(z)
     if spec.norm is not None and gamma is not None:
         z = z * gamma + beta
-    if spec.norm == "online" and c.ecm == "ls":  # eq. 9, per gate
-        grouped = z.view(-1, G, H)
-        z = (grouped * torch.rsqrt((grouped * grouped).mean(-1, keepdim=True) + c.ls_eps)).view_as(z)
-    elif spec.norm == "online" and c.ecm == "ac":
-        z = z.clamp(-c.clamp_value, c.clamp_value)
+    if spec.norm == "online":
+        z = apply_ecm(z, c.ecm, H, c.ls_eps, c.clamp_value)  # eq. 9 per gate, or clamping
     if spec.cell == "rnn":
-        return (torch.relu(z) if spec.nonlinearity == "relu" else torch.tanh(z)), None
+        return NONLINEARITIES[spec.nonlinearity](z), None
     i, f, g, o = z.chunk(4, -1)
     cell = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
     h = torch.sigmoid(o) * torch.tanh(cell)

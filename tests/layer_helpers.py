@@ -1,4 +1,6 @@
 """Shared by the layer tests that hold every backend to the float64 loops of tests/reference.py."""
+import copy
+
 import pytest
 import torch
 
@@ -15,6 +17,13 @@ def require(backend: str) -> None:
         pytest.importorskip("triton")
     if backend != "torch" and torch.cuda.is_available():
         pytest.skip("this test runs the fused backends on CPU tensors")
+
+
+def on_backend(ref, backend: str, dtype):
+    """A copy of the float64 reference layer ``ref`` in ``dtype``, run by ``backend``."""
+    layer = copy.deepcopy(ref).to(dtype)
+    layer.backend = backend
+    return layer
 
 
 def forward_backward(layer, x, hx, weights, st=None):

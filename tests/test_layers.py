@@ -8,7 +8,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 import reference
 import seqnorm
-from layer_helpers import BACKEND_IDS, BACKENDS, require
+from layer_helpers import BACKEND_IDS, BACKENDS, on_backend, require
 from seqnorm import LSTMCell, RNNCell
 
 F64 = torch.float64
@@ -398,8 +398,7 @@ def test_bidirectional_online_equals_per_step_loops(cell, backend, dtype):
     T, B, I, H = 4, 3, 5, 6
     cls = seqnorm.LSTM if cell == "lstm" else seqnorm.RNN
     ref = cls(I, H, bidirectional=True, alpha_fwd=0.9, alpha_bkw=0.8, dtype=torch.float64)
-    layer = copy.deepcopy(ref).to(dtype)
-    layer.backend = backend
+    layer = on_backend(ref, backend, dtype)
     x = torch.randn(T, B, I, dtype=torch.float64)
     hx = tuple(torch.randn(2, B, H, dtype=torch.float64) for _ in range(2 if cell == "lstm" else 1))
     w = torch.randn(T, B, 2 * H, dtype=torch.float64)
@@ -453,8 +452,7 @@ def test_proj_size_online_equals_per_step_loop(backend, dtype):
     torch.manual_seed(0)
     T, B, I, H, P = 4, 3, 5, 6, 4
     ref = seqnorm.LSTM(I, H, proj_size=P, alpha_fwd=0.9, alpha_bkw=0.8, dtype=torch.float64)
-    layer = copy.deepcopy(ref).to(dtype)
-    layer.backend = backend
+    layer = on_backend(ref, backend, dtype)
     x = torch.randn(T, B, I, dtype=torch.float64)
     hx = (torch.randn(1, B, P, dtype=torch.float64), torch.randn(1, B, H, dtype=torch.float64))
     w = torch.randn(T, B, P, dtype=torch.float64)
@@ -528,8 +526,7 @@ def test_packed_bidirectional_online_equals_per_step_loops_over_the_active_rows(
     sorted_lengths = [lengths[b] for b in order]
     cls = seqnorm.LSTM if cell == "lstm" else seqnorm.RNN
     ref = cls(I, H, bidirectional=True, alpha_fwd=0.9, alpha_bkw=0.8, dtype=torch.float64)
-    layer = copy.deepcopy(ref).to(dtype)
-    layer.backend = backend
+    layer = on_backend(ref, backend, dtype)
     x = torch.randn(T, B, I, dtype=torch.float64)
     for b, L in enumerate(lengths):
         x[L:, b] = float("nan")  # padding: if it reached the statistics they would be NaN

@@ -6,7 +6,6 @@ backward).  The sample's own outputs and gradients may be non-finite.  Each
 path is held to the float64 per-row loops of tests/reference.py run with
 ``skip_nonfinite=True``.
 """
-import copy
 import warnings
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 
 import reference
 import seqnorm
-from layer_helpers import BACKEND_IDS, BACKENDS, forward_backward, require
+from layer_helpers import BACKEND_IDS, BACKENDS, forward_backward, on_backend, require
 from seqnorm import OnlineNorm
 
 F64 = torch.float64
@@ -75,8 +74,7 @@ def test_layer_skips_nonfinite_samples_then_trains_on(cell, backend, dtype):
     T, B, I, H = 4, 3, 5, 6
     cls = seqnorm.LSTM if cell == "lstm" else seqnorm.RNN
     ref = cls(I, H, alpha_fwd=ALPHA_FWD, alpha_bkw=ALPHA_BKW, dtype=F64)
-    layer = copy.deepcopy(ref).to(dtype)
-    layer.backend = backend
+    layer = on_backend(ref, backend, dtype)
     hx = tuple(torch.randn(1, B, H, dtype=F64) for _ in range(2 if cell == "lstm" else 1))
     weights = torch.randn(T, B, H, dtype=F64)
     bad = torch.randn(T, B, I, dtype=F64)

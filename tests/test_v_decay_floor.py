@@ -6,14 +6,13 @@ Each path is held to the float64 per-row loops of tests/reference.py (for the
 layers, its per-step ``layer_loop``) on inputs where the floor binds in many rows:
 |y| well above 1/sqrt(1 - alpha_bkw) = 5.66 for alpha_bkw = 1 - 2**-5.
 """
-import copy
 
 import pytest
 import torch
 
 import reference
 import seqnorm
-from layer_helpers import BACKEND_IDS, BACKENDS, forward_backward, require
+from layer_helpers import BACKEND_IDS, BACKENDS, forward_backward, on_backend, require
 from seqnorm import OnlineNorm, OnlineNormConfig
 
 F64 = torch.float64
@@ -107,8 +106,7 @@ def test_layer_matches_per_step_loop_where_the_floor_binds(cell, v_decay_min, ba
         ref.weight_ih_l0.mul_(8)  # pre-activations of a few units: |y| up to ~10 against var = 1
         ref.norm_l0.weight.add_(torch.randn_like(ref.norm_l0.weight) * 0.3)
         ref.norm_l0.bias.add_(torch.randn_like(ref.norm_l0.bias) * 0.3)
-    layer = copy.deepcopy(ref).to(dtype)
-    layer.backend = backend
+    layer = on_backend(ref, backend, dtype)
     x = torch.randn(T, B, I, dtype=F64)
     hx = tuple(torch.randn(1, B, H, dtype=F64) for _ in range(2 if cell == "lstm" else 1))
     weights = torch.randn(T, B, H, dtype=F64)

@@ -76,7 +76,7 @@ def fused_backward(spec, saved, d_out, d_hn, d_cn, w_hh, gamma, beta, w_hr, u, v
     """
     h_all, m_all, c_all, act, y_all, s_all, iz = saved
     T, B, GH = act.shape
-    H, P, dtype, device, c = spec.hidden_size, h_all.shape[-1], h_all.dtype, h_all.device, spec.config
+    H, P, dtype, device = spec.hidden_size, h_all.shape[-1], h_all.dtype, h_all.device
     none = torch.empty(1, dtype=torch.float32, device=device)
     lstm, affine = spec.cell == "lstm", spec.norm is not None and spec.config.affine
     kernel = make_step(spec, B, dtype)
