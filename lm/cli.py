@@ -10,7 +10,7 @@ import json
 import sys
 from dataclasses import fields
 
-from .config import CELLS, NORMS, TrainConfig
+from .config import AS_WRITTEN, CELLS, NORMS, WARMUPS, TrainConfig
 from .presets import PRESETS, get_preset
 
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
@@ -69,6 +69,17 @@ def add_train_parser(sub):
     _add(p, "--lr-decay", name="lr_decay", type=float, help="lr factor applied after every epoch")
     _add(p, "--weight-decay", name="weight_decay", type=float, help="SGD weight decay")
     _add(p, "--clip", name="clip", type=_optional_float, help="gradient norm clipping, or none", show_none=True)
+    p.add_argument("--as-written", action="store_true", help="no robust start (--warmup none, no adaptive clip): "
+                   "the settings exactly as given, e.g. the paper's presets as printed; a long first segment can "
+                   "then blow up a normalized run at initialization")
+    _add(p, "--warmup", name="warmup", choices=WARMUPS, help="robust start: truncate backpropagation through time "
+         "(or cap the segments: bptt, or ramp the lr: lr) for the first --warmup-steps steps")
+    _add(p, "--warmup-steps", name="warmup_steps", type=int, help="length of the warm-up in optimizer steps")
+    _add(p, "--warmup-from", name="warmup_from", type=int,
+         help="first truncation or segment length of the warm-up, rising linearly to --bptt")
+    _add(p, "--adaptive-clip", name="adaptive_clip", type=_optional_float, show_none=True,
+         help="clip the gradient norm at this many times the median of the last --clip-window norms, or none")
+    _add(p, "--clip-window", name="clip_window", type=int, help="how many recent gradient norms the median takes")
     _add(p, "--batch-size", name="batch_size", type=int,
          help="training batch size: the global batch, split over the processes under torchrun")
     _add(p, "--bptt", name="bptt", type=int, help="segment length (the maximum in random mode)")
@@ -86,7 +97,13 @@ def add_train_parser(sub):
 
 def train_config(args) -> TrainConfig:
     values = dict(get_preset(args.preset).train_fields()) if args.preset else {}
-    values.update({k: v for k, v in vars(args).items() if k in DEFAULTS})
+    given = {k: v for k, v in vars(args).items() if k in DEFAULTS}
+    if getattr(args, "as_written", False):
+        clash = [f"--{k.replace('_', '-')} {v}" for k, v in given.items() if k in AS_WRITTEN and v != AS_WRITTEN[k]]
+        if clash:
+            raise ValueError(f"--as-written turns the robust start off; it cannot go with {', '.join(clash)}")
+        values.update(AS_WRITTEN)
+    values.update(given)
     return TrainConfig(**values)
 
 
@@ -178,16 +195,27 @@ def add_compare_parser(sub):
                    "epochs)")
     p.add_argument("--clip", type=float, help="gradient norm clipping for every run (default: none, as in the "
                    "presets)")
+    p.add_argument("--as-written", action="store_true", help="no robust start in any run: the presets exactly as "
+                   "the paper printed them (default: the robust start, docs/robust_start.md)")
     p.add_argument("--device", default="cpu", help="(default: cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
+
+
+def compare_overrides(args) -> dict:
+    """The TrainConfig fields that compare's flags set for every run."""
+    overrides = dict(AS_WRITTEN) if args.as_written else {}
+    if args.clip is not None:
+        overrides["clip"] = args.clip
+    return overrides
 
 
 def cmd_compare(args) -> int:
     from . import compare as compare_mod
 
     results = compare_mod.run_grid(args.out, args.data, args.cells, args.norms, args.seeds, args.epochs,
-                                   args.max_steps, args.device, progress=not args.no_progress, clip=args.clip)
+                                   args.max_steps, args.device, progress=not args.no_progress,
+                                   overrides=compare_overrides(args))
     if results["status"] == "interrupted":
         print("interrupted; run the same command again to continue the grid", file=sys.stderr)
         return 130

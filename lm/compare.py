@@ -23,8 +23,9 @@ from .train import TrainConfig, TrainingDiverged, train
 
 
 def run_grid(out, data=None, cells=("lstm", "rnn"), norms=("online", "layer", "none"), seeds=(0,), epochs=None,
-             max_steps=None, device="cpu", progress=True, clip=None) -> dict:
-    """Train every configuration (presets, shrunk by ``epochs``/``max_steps``; ``clip`` for all) and summarize."""
+             max_steps=None, device="cpu", progress=True, overrides=None) -> dict:
+    """Train every configuration (presets, shrunk by ``epochs``/``max_steps``; ``overrides``, TrainConfig
+    fields, for all: e.g. ``AS_WRITTEN`` for no robust start) and summarize."""
     out = Path(out)
     runs = []
     for cell in cells:
@@ -35,8 +36,7 @@ def run_grid(out, data=None, cells=("lstm", "rnn"), norms=("online", "layer", "n
                 base = replace(base, epochs=epochs)
             if max_steps is not None:
                 base = replace(base, max_steps=max_steps)
-            if clip is not None:
-                base = replace(base, clip=clip)
+            base = replace(base, **(overrides or {}))
             for seed in seeds:
                 cfg = replace(base, seed=seed, out=str(out / f"{name}-seed{seed}"))
                 summary = _train_or_diverge(cfg, progress, label=f"{name} seed {seed}")

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, fields
 
 CELLS = ("lstm", "rnn", "lstm-cudnn", "rnn-cudnn")
 NORMS = ("online", "layer", "none")
+WARMUPS = ("truncate", "bptt", "lr", "none")  # lm/robust_start.py
+AS_WRITTEN = {"warmup": "none", "adaptive_clip": None}  # --as-written: no robust start
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,11 @@ class TrainConfig:
     lr_decay: float = 1.0
     weight_decay: float = 1e-6
     clip: float | None = None
+    warmup: str = "truncate"  # the robust start (lm/robust_start.py); "none" with adaptive_clip None: as written
+    warmup_steps: int = 300
+    warmup_from: int = 32
+    adaptive_clip: float | None = None
+    clip_window: int = 100
     batch_size: int = 20
     bptt: int = 128
     bptt_mode: str = "random"
@@ -96,6 +103,18 @@ class TrainConfig:
                              f"lr_decay={self.lr_decay}, weight_decay={self.weight_decay}")
         if self.clip is not None and self.clip <= 0:
             raise ValueError(f"clip must be positive, got {self.clip}")
+        if self.warmup not in WARMUPS:
+            raise ValueError(f"warmup must be one of {WARMUPS}, got {self.warmup!r}")
+        for name in ("warmup_steps", "warmup_from", "clip_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.adaptive_clip is not None and self.adaptive_clip <= 0:
+            raise ValueError(f"adaptive_clip must be positive, got {self.adaptive_clip}")
+
+    @property
+    def as_written(self) -> bool:
+        """No robust start: the paper's settings exactly as printed."""
+        return self.warmup == "none" and self.adaptive_clip is None
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -55,9 +55,21 @@ class RNNLM(nn.Module):
         h = w.new_zeros(self.cfg.nlayers, batch_size, self.cfg.nhid)
         return (h, h.clone()) if self.is_lstm else h
 
-    def forward(self, ids: torch.Tensor, hidden=None):
+    def forward(self, ids: torch.Tensor, hidden=None, truncate: int | None = None):
+        """``truncate=K``: backpropagate through at most K steps, cutting the graph (not the values) every K
+        steps. The outputs and the statistics are those of one call (only between-layer dropout draws its masks
+        per chunk); only the gradients change."""
         emb = self.drop(self.encoder(ids))
-        out, hidden = self.rnn(emb, hidden)
+        if truncate is None or truncate >= emb.shape[0]:
+            out, hidden = self.rnn(emb, hidden)
+        else:
+            outs = []
+            for start in range(0, emb.shape[0], truncate):
+                if start:
+                    hidden = detach_hidden(hidden)
+                chunk, hidden = self.rnn(emb[start:start + truncate], hidden)
+                outs.append(chunk)
+            out = torch.cat(outs)
         return self.decoder(self.drop(out)), hidden
 
 

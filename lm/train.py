@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from seqnorm.distributed import gather_states, load_states, reconcile_statistics, wrap_ddp
 
-from . import parallel
+from . import parallel, robust_start
 from .batching import SegmentLengths, batchify, segment
 from .checkpoint import (check_model_config, check_vocab, load_checkpoint, model_from_checkpoint, save_checkpoint)
 from .data import load_corpus, resolve_data_dir, vocab_from_state
@@ -123,6 +123,7 @@ class Trainer:
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=cfg.lr_decay)
         self.lengths = SegmentLengths(cfg.bptt, cfg.bptt_mode, seed=cfg.seed)
+        self.clipper = robust_start.AdaptiveClip(cfg.adaptive_clip, cfg.clip_window) if cfg.adaptive_clip else None
         self.epoch, self.pos, self.step = 0, 0, 0
         self.hidden = self.model.init_hidden(self.train_data.shape[1])
         self.sums = {"loss": 0.0, "tokens": 0, "seconds": 0.0}
@@ -142,7 +143,8 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "lengths": self.lengths.state_dict(), "rng": rng_state(), "epoch": self.epoch, "pos": self.pos,
                 "step": self.step, "hidden": hidden, "sums": dict(self.sums), "best": dict(self.best),
-                "history": list(self.history), "world_size": self.ranks.world, "rank_states": rank_states}
+                "history": list(self.history), "world_size": self.ranks.world, "rank_states": rank_states,
+                "clip": self.clipper.state_dict() if self.clipper is not None else None}
         return payload
 
     @contextlib.contextmanager
@@ -180,6 +182,8 @@ class Trainer:
         columns = self.ranks.columns(self.cfg.batch_size)  # the saved hidden state holds the global batch
         self.hidden = map_hidden(lambda h: h[:, columns].to(self.device), t["hidden"])
         self.sums, self.best, self.history = dict(t["sums"]), dict(t["best"]), list(t["history"])
+        if self.clipper is not None and t.get("clip"):
+            self.clipper.load_state_dict(t["clip"])
 
     def save(self) -> None:
         with self._reconciled() as own:
@@ -202,17 +206,31 @@ class Trainer:
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         self.hidden = detach_hidden(self.hidden)
-        logits, self.hidden = self.net(x, self.hidden)
+        logits, self.hidden = self.net(x, self.hidden, truncate=robust_start.truncation(self.cfg, self.step))
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
         value = parallel.global_mean(loss, y.numel(), self.ranks)  # the same on every rank
         if not math.isfinite(value):  # before the update: the weights stay as they were
             raise self._diverged(f"loss is {value}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.cfg.clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
+        norm = self._clip()
+        self.sums["grad_norm_max"] = max(self.sums.get("grad_norm_max", 0.0), norm)
+        factor = robust_start.lr_factor(self.cfg, self.step)
+        base = [group["lr"] for group in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
         self.optimizer.step()
+        for group, lr in zip(self.optimizer.param_groups, base):
+            group["lr"] = lr
         return value
+
+    def _clip(self) -> float:
+        """Fixed and adaptive gradient norm clipping; returns the norm before either."""
+        params = list(self.model.parameters())
+        norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.clip if self.cfg.clip else math.inf))
+        if self.clipper is not None:
+            self.clipper(params)
+        return norm
 
     def _diverged(self, what: str, step: int | None = None) -> "TrainingDiverged":
         """The error for a non-finite loss at the coming step, or a non-finite state after ``step``."""
@@ -245,7 +263,8 @@ class Trainer:
                 if stop.get("stop") or self._limits_reached():
                     return False
                 t0 = time.perf_counter()
-                x, y = segment(self.train_data, self.pos, self.lengths.next())
+                length, cap = self.lengths.next(), robust_start.segment_cap(self.cfg, self.step)
+                x, y = segment(self.train_data, self.pos, length if cap is None else min(length, cap))
                 loss = self._train_step(x, y)
                 self.pos += x.shape[0]
                 self.step += 1
@@ -279,7 +298,8 @@ class Trainer:
                   "train_loss": s["loss"] / max(s["tokens"], 1), "train_ppl": safe_exp(s["loss"] / max(s["tokens"], 1)),
                   "valid_loss": valid["loss"], "valid_ppl": valid["perplexity"],
                   "valid_ppl_mean_batch_exp": valid["perplexity_mean_batch_exp"],
-                  "lr": self.optimizer.param_groups[0]["lr"], "time_s": s["seconds"],
+                  "lr": self.optimizer.param_groups[0]["lr"], "grad_norm_max": s.get("grad_norm_max"),
+                  "time_s": s["seconds"],
                   "tokens_per_s": s["tokens"] / s["seconds"] if s["seconds"] else None}
         self.history.append(record)
         if is_best:

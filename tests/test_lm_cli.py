@@ -105,8 +105,9 @@ def test_sigint_saves_and_resume_matches_uninterrupted(tmp_path):
         assert a[key] == b[key], key
 
 
-def test_paper_lstm_online_preset_trains_as_written_and_diverges_without_the_floor(tmp_path, capsys):
-    """The paper's setting (lr 6.5, no clipping) with the reference's v-decay floor; --v-decay-min none diverges."""
+def test_paper_lstm_online_preset_trains_and_diverges_without_the_floor(tmp_path, capsys):
+    """The paper's setting (lr 6.5, no clipping, the default robust start) with the reference's v-decay floor;
+    --v-decay-min none diverges: the robust start does not replace the floor."""
     common = ["train", "--preset", "paper-lstm-online", "--data", str(ptb_dir()), "--max-steps", "40", "--no-progress"]
     assert main([*common, "--out", str(tmp_path / "floor")]) == 0
     summary = json.loads(capsys.readouterr().out)

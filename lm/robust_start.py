@@ -1,0 +1,88 @@
+"""The robust start: what keeps training at the paper's settings from blowing up at initialization.
+
+A normalized LSTM or RNN at initialization has gradients that explode through
+time: the first step's gradient norm grows about 2x per 10 steps of the first
+BPTT segment (docs/robust_start.md), and one long first segment (about 95
+steps or more) at the paper's learning rates throws the run away.  The
+reference implementation does the same with the same weights and batches.
+Healthy training a few hundred steps later is not explosive any more.
+
+The measures, each a ``TrainConfig`` field (``--as-written`` turns all off):
+
+- ``warmup="truncate"``: for the first ``warmup_steps`` optimizer steps,
+  backpropagate through at most K(step) time steps, K ramping linearly from
+  ``warmup_from`` to ``bptt`` (``truncation``).  The segments, the data order,
+  the forward and the normalization statistics are exactly as written; only
+  the gradients of segments longer than K change, and only during warm-up.
+- ``warmup="bptt"``: the segment lengths themselves are capped at K(step)
+  (the same random draws, each capped; the run takes more, shorter steps).
+- ``warmup="lr"``: the learning rate is scaled by (step + 1) / warmup_steps.
+- ``adaptive_clip=k``: the global gradient norm is clipped at k times the
+  median of the last ``clip_window`` norms, so it is scale-free across presets
+  and leaves healthy steps alone (``AdaptiveClip``; inactive until it has seen
+  ``clip_window // 4`` norms, since a median of fewer says little).
+
+All but the adaptive clip are functions of the step count, so resuming is
+exact with no extra state; the clip's recent norms are saved in ``last.pt``.
+"""
+from __future__ import annotations
+
+import statistics
+from collections import deque
+
+import torch
+
+from .config import WARMUPS  # noqa: F401  (the names, kept torch-free for the CLI parser)
+
+
+def ramp_length(step: int, steps: int, start: int, end: int) -> int | None:
+    """The length cap K before optimizer step ``step`` (0-based): ``start`` rising linearly to ``end`` over
+    ``steps`` steps; None (no cap) from then on or once it reaches ``end``."""
+    if step >= steps:
+        return None
+    k = start + (end - start) * step // steps
+    return k if k < end else None
+
+
+def truncation(cfg, step: int) -> int | None:
+    """How many time steps the backward of step ``step`` may reach (None: the whole segment)."""
+    return ramp_length(step, cfg.warmup_steps, cfg.warmup_from, cfg.bptt) if cfg.warmup == "truncate" else None
+
+
+def segment_cap(cfg, step: int) -> int | None:
+    """The cap on the length of segment ``step`` (None: as drawn)."""
+    return ramp_length(step, cfg.warmup_steps, cfg.warmup_from, cfg.bptt) if cfg.warmup == "bptt" else None
+
+
+def lr_factor(cfg, step: int) -> float:
+    """The factor on the learning rate of step ``step``."""
+    if cfg.warmup != "lr" or step >= cfg.warmup_steps:
+        return 1.0
+    return (step + 1) / cfg.warmup_steps
+
+
+class AdaptiveClip:
+    """Clip the gradient norm at ``k`` times the running median of the last ``window`` norms (unclipped ones)."""
+
+    def __init__(self, k: float, window: int):
+        self.k, self.window = k, window
+        self.norms: deque[float] = deque(maxlen=window)
+
+    def threshold(self) -> float:
+        if len(self.norms) < max(1, self.window // 4):
+            return float("inf")
+        return self.k * statistics.median(self.norms)
+
+    def __call__(self, parameters) -> float:
+        """Clip the gradients in place; returns the norm before clipping."""
+        limit = self.threshold()
+        norm = float(torch.nn.utils.clip_grad_norm_(parameters, limit))
+        if norm == norm and norm != float("inf"):  # a non-finite norm never enters the median
+            self.norms.append(norm)
+        return norm
+
+    def state_dict(self) -> dict:
+        return {"norms": list(self.norms)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.norms = deque(state["norms"], maxlen=self.window)

@@ -1,0 +1,183 @@
+"""The robust start (lm/robust_start.py): its schedules, the adaptive clip, truncated backpropagation in the model,
+exact resume mid-warm-up, the flags, and on PTB that it is what lets a long-first-segment seed train."""
+import json
+import math
+import statistics
+from dataclasses import replace
+
+import pytest
+import torch
+
+from lm import robust_start
+from lm.checkpoint import load_checkpoint
+from lm.cli import build_parser, main, train_config
+from lm.config import ModelConfig
+from lm.model import RNNLM
+from lm.train import TrainConfig, Trainer, train
+from lm_helpers import ptb_dir, write_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def test_ramp_length_rises_linearly_then_stops():
+    got = [robust_start.ramp_length(step, 10, 32, 128) for step in range(12)]
+    assert got == [32, 41, 51, 60, 70, 80, 89, 99, 108, 118, None, None]  # 32 + floor(96 * step / 10)
+    assert robust_start.ramp_length(0, 10, 128, 128) is None  # nothing to cap
+    assert robust_start.ramp_length(0, 10, 40, 12) is None  # warm-up from above the segment length
+
+
+@pytest.mark.parametrize("warmup", ["truncate", "bptt", "lr", "none"])
+def test_each_warmup_acts_only_through_its_own_lever(warmup):
+    cfg = TrainConfig(warmup=warmup, warmup_steps=4, warmup_from=8, bptt=16)
+    trunc = [robust_start.truncation(cfg, s) for s in range(5)]
+    cap = [robust_start.segment_cap(cfg, s) for s in range(5)]
+    lr = [robust_start.lr_factor(cfg, s) for s in range(5)]
+    ramp = [8, 10, 12, 14, None]
+    assert trunc == (ramp if warmup == "truncate" else [None] * 5)
+    assert cap == (ramp if warmup == "bptt" else [None] * 5)
+    assert lr == ([0.25, 0.5, 0.75, 1.0, 1.0] if warmup == "lr" else [1.0] * 5)
+
+
+def _grads(values):
+    return [torch.nn.Parameter(torch.zeros(len(v))) for v in values]
+
+
+def test_adaptive_clip_clips_at_k_times_the_running_median():
+    clip = robust_start.AdaptiveClip(k=3.0, window=8)
+    seen = []
+    for step, norm in enumerate([1.0, 2.0, 4.0, 3.0, 100.0, 2.5, 1.5, 50.0, 2.0, 0.5]):
+        (p,) = _grads([[0.0]])
+        p.grad = torch.tensor([norm])
+        want_limit = 3.0 * statistics.median(seen[-8:]) if len(seen) >= 2 else math.inf  # active from 8 // 4 norms
+        assert clip.threshold() == pytest.approx(want_limit)
+        assert clip([p]) == pytest.approx(norm)
+        assert p.grad.item() == pytest.approx(min(norm, want_limit), rel=1e-5)
+        seen.append(norm)
+    assert list(clip.norms) == seen[-8:]
+    again = robust_start.AdaptiveClip(k=3.0, window=8)
+    again.load_state_dict(json.loads(json.dumps(clip.state_dict())))
+    assert again.threshold() == clip.threshold() and again.norms.maxlen == 8
+
+
+def test_adaptive_clip_keeps_non_finite_norms_out_of_the_median():
+    clip = robust_start.AdaptiveClip(k=2.0, window=4)
+    for value in (1.0, float("inf"), float("nan"), 3.0):
+        (p,) = _grads([[0.0]])
+        p.grad = torch.tensor([value])
+        clip([p])
+    assert list(clip.norms) == [1.0, 3.0]
+
+
+@pytest.mark.parametrize("cell,norm", [("lstm-cudnn", "none"), ("lstm", "online"), ("rnn", "layer")])
+def test_truncated_backward_keeps_the_forward_and_cuts_the_gradient(cell, norm):
+    torch.manual_seed(0)
+    model = RNNLM(ModelConfig(vocab_size=20, cell=cell, norm=norm, emsize=6, nhid=6))
+    ids = torch.randint(0, 20, (10, 3))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    whole, h_whole = model(ids)
+    after_whole = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    cut, h_cut = model(ids, truncate=4)
+    torch.testing.assert_close(cut, whole, rtol=0, atol=0)  # the same values and statistics: one call's
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, after_whole[k]), k
+    emb = {}
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        emb["x"] = output
+
+    model.encoder.register_forward_hook(keep)
+    for truncate in (None, 4):
+        model.load_state_dict(state)
+        logits, _ = model(ids, truncate=truncate)
+        logits[8:].logsumexp(-1).sum().backward()  # a loss on the last chunk (steps 8, 9) only
+        emb[truncate] = emb.pop("x").grad
+    assert emb[None][:8].abs().max() > 0
+    if norm == "online":  # the control process (eqs. 11-12) still reaches earlier chunks: a normalizer's state, not
+        return            # a path through h, as it reaches earlier segments
+    assert emb[4][:8].abs().max() == 0  # nothing flows past the cut at step 8
+    if norm == "none":  # no control state: the last chunk's own inputs get exactly the untruncated gradient
+        torch.testing.assert_close(emb[4][8:], emb[None][8:])
+
+
+def small(corpus_dir, out, **kw):
+    base = dict(data=str(corpus_dir), out=str(out), emsize=16, nhid=16, epochs=2, lr=1.0, batch_size=4, bptt=12,
+                bptt_mode="random", eval_batch_size=3, eval_bptt=8, seed=3, norm="online", warmup_steps=40,
+                warmup_from=3)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("warmup,adaptive", [("truncate", 2.0), ("bptt", None), ("lr", 2.0)])
+def test_resume_mid_warmup_is_exact(corpus_dir, tmp_path, warmup, adaptive):
+    cfg = small(corpus_dir, tmp_path / "full", warmup=warmup, adaptive_clip=adaptive, clip_window=8)
+    full = train(cfg, progress=False)
+    assert full["steps"] > 40  # the warm-up ends inside the run
+    cut = replace(cfg, out=str(tmp_path / "cut"))
+    assert train(cut, progress=False, should_stop=lambda step: step == 17)["status"] == "interrupted"
+    saved = load_checkpoint(tmp_path / "cut" / "last.pt")["train"]
+    assert saved["step"] == 17
+    assert (saved["clip"] is not None) == (adaptive is not None)
+    if adaptive:
+        assert len(saved["clip"]["norms"]) == 8
+    resumed = train(cut, resume=True, progress=False)
+    for key in ("steps", "best_valid_ppl", "final_valid_ppl", "test_ppl"):
+        assert resumed[key] == full[key], key
+    a, b = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "cut" / "last.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["train"]["clip"] == b["train"]["clip"]
+
+
+def test_the_warmups_change_what_they_say(corpus_dir, tmp_path):
+    """bptt: more, shorter segments during warm-up; lr: a smaller first update; truncate: same segments."""
+    steps = {}
+    for warmup in ("none", "truncate", "bptt"):
+        steps[warmup] = train(small(corpus_dir, tmp_path / warmup, warmup=warmup, epochs=1), progress=False)["steps"]
+    assert steps["truncate"] == steps["none"] < steps["bptt"]
+    moved = {}
+    for warmup in ("none", "lr"):
+        trainer = Trainer(small(corpus_dir, tmp_path / f"lr-{warmup}", warmup=warmup, max_steps=1), progress=False)
+        before = trainer.model.decoder.bias.detach().clone()
+        trainer.run()
+        moved[warmup] = (trainer.model.decoder.bias.detach() - before).norm().item()
+        assert trainer.optimizer.param_groups[0]["lr"] == 1.0  # the base lr is restored after the step
+    assert moved["lr"] == pytest.approx(moved["none"] / 40, rel=1e-4)  # factor (0 + 1) / warmup_steps
+
+
+def test_as_written_flag_and_its_conflicts(capsys):
+    parse = build_parser().parse_args
+    preset = train_config(parse(["train", "--preset", "paper-lstm-online"]))
+    assert (preset.warmup, preset.adaptive_clip, preset.clip) == ("truncate", None, None)  # the robust start
+    written = train_config(parse(["train", "--preset", "paper-lstm-online", "--as-written"]))
+    assert (written.warmup, written.adaptive_clip, written.lr) == ("none", None, 6.5)
+    both = train_config(parse(["train", "--as-written", "--clip", "5"]))  # clipping is a setting, not the start
+    assert both.clip == 5 and both.warmup == "none"
+    assert main(["train", "--as-written", "--warmup", "lr"]) == 2
+    assert "--as-written turns the robust start off; it cannot go with --warmup lr" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="warmup must be one of"):
+        TrainConfig(warmup="slow")
+    with pytest.raises(ValueError, match="adaptive_clip must be positive"):
+        TrainConfig(adaptive_clip=0)
+
+
+def test_a_long_first_segment_trains_with_the_default_and_blows_up_as_written(tmp_path, capsys):
+    """Seed 6's first segment is 127 steps: as written the first update throws the ON-LSTM away (DESIGN §4)."""
+    common = ["train", "--preset", "paper-lstm-online", "--seed", "6", "--data", str(ptb_dir()), "--max-steps", "40",
+              "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "default")]) == 0
+    summary = json.loads((tmp_path / "default" / "summary.json").read_text())
+    (record,) = summary["history"]
+    start = math.log(10_000)  # the loss of a uniform guess, where an initialized model starts
+    assert record["train_loss"] < start and record["valid_loss"] < start - 1.5  # the train mean holds the start
+    assert record["grad_norm_max"] < 50
+    capsys.readouterr()
+    code = main([*common, "--out", str(tmp_path / "written"), "--as-written"])
+    if code == 0:  # a finite blow-up: the loss passes 15 (exp(15) is 300 times a uniform guess's perplexity)
+        (record,) = json.loads((tmp_path / "written" / "summary.json").read_text())["history"]
+        assert record["train_loss"] > 15 and record["grad_norm_max"] > 1e3
+    else:
+        assert code == 2 and "diverged" in capsys.readouterr().err
