@@ -11,6 +11,18 @@ output tanh:
 
 RNN (Elman): h' = act(norm(W_ih x + b_ih + W_hh h + b_hh)), act = tanh or relu.
 
+GRU (gates r, z, n, the layout of ``torch.nn.GRUCell``): the normalized
+quantities are the gate pre-activations, the arguments of the sigmoids and of
+the tanh; the carried state h is not normalized (docs/gru.md):
+
+    r, z = sigmoid(norm(W_i{r,z} x + b_i{r,z} + W_h{r,z} h + b_h{r,z}))
+    n = tanh(norm(W_in x + b_in + r * (W_hn h + b_hn)))
+    h' = (1 - z) * n + z * h
+
+One normalizer of 3H features: the r, z features first, then n's (which need
+r); every feature's samples still come in row order, so the state is what one
+3H call would leave.
+
 These cells are the per-step reference that the fused sequence layers
 (``seqnorm.layers``) are tested against.
 """
@@ -123,4 +135,36 @@ class RNNCell(_NormalizedCell):
         else:
             h = check_state("hx", hx, x.shape[0], self.hidden_size, unbatched, self.weight_ih)
         h_new = NONLINEARITIES[self.nonlinearity](self._preactivation(x, h))
+        return h_new[0] if unbatched else h_new
+
+
+class GRUCell(_NormalizedCell):
+    """``torch.nn.GRUCell`` with normalized gate pre-activations (r, z and the argument of n's tanh).
+
+    forward(input, hx=None) -> h'; input (B, input_size) or (input_size,).
+    Online Normalization settings: ``config=OnlineNormConfig(...)`` or its fields as keywords.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, norm="online",
+                 config: OnlineNormConfig | None = None, device=None, dtype=None, **config_fields):
+        super().__init__(input_size, hidden_size, 3, bias, norm, make_config(config, config_fields), device, dtype)
+
+    def _norm(self, a, first_gate: int):
+        """The normalizer on gates ``first_gate``.. of the r, z, n features (a holds whole gates)."""
+        if self.norm is None:
+            return a
+        return self.norm(a, slice(first_gate * self.hidden_size, first_gate * self.hidden_size + a.shape[1]))
+
+    def forward(self, input: torch.Tensor, hx=None):
+        x, unbatched = check_step_input(input, self.input_size, self.weight_ih)
+        if hx is None:
+            h = x.new_zeros(x.shape[0], self.hidden_size)
+        else:
+            h = check_state("hx", hx, x.shape[0], self.hidden_size, unbatched, self.weight_ih)
+        H = self.hidden_size
+        gi = torch.nn.functional.linear(x, self.weight_ih, self.bias_ih)
+        gh = torch.nn.functional.linear(h, self.weight_hh, self.bias_hh)
+        r, z = torch.sigmoid(self._norm(gi[:, :2 * H] + gh[:, :2 * H], 0)).chunk(2, 1)
+        n = torch.tanh(self._norm(gi[:, 2 * H:] + r * gh[:, 2 * H:], 2))
+        h_new = (1 - z) * n + z * h
         return h_new[0] if unbatched else h_new

@@ -69,10 +69,15 @@ class GroupLayerNorm(nn.Module):
         self.num_features, self.group_size, self.eps, self.affine = num_features, group_size, eps, affine
         add_affine(self, num_features, affine, device, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, features: slice | None = None) -> torch.Tensor:
+        """``features``: x holds only these features (whole groups), for gates normalized in turn."""
+        start, stop, _ = (slice(0, self.num_features) if features is None else features).indices(self.num_features)
+        if start % self.group_size or stop % self.group_size or x.shape[-1] != stop - start:
+            raise ValueError(f"input with {x.shape[-1]} features as features {start}:{stop} of {self.num_features} "
+                             f"in groups of {self.group_size}")
         n = x.shape[0]
         y = F.layer_norm(x.reshape(n, -1, self.group_size), (self.group_size,), eps=self.eps).reshape(x.shape)
-        return y * self.weight + self.bias if self.affine else y
+        return y * self.weight[start:stop] + self.bias[start:stop] if self.affine else y
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, group_size={self.group_size}, eps={self.eps}, affine={self.affine}"

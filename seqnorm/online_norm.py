@@ -283,23 +283,32 @@ class OnlineNorm(nn.Module):
                 setattr(self, name, buf.float())
         return self
 
-    def check_input(self, x: torch.Tensor) -> None:
+    def check_input(self, x: torch.Tensor, num_features: int | None = None) -> None:
         _checks.check_floating("input", x)
+        want = self.num_features if num_features is None else num_features
         if x.dim() < 2:
             raise ValueError(f"input must have shape (N, C) or (N, C, *L), got shape {tuple(x.shape)}")
-        if x.shape[1] != self.num_features:
-            raise ValueError(f"input has {x.shape[1]} features (dim 1) but num_features={self.num_features}")
+        if x.shape[1] != want:
+            raise ValueError(f"input has {x.shape[1]} features (dim 1) but num_features={want}")
         if x.shape[0] == 0 or x.numel() == 0:
             raise ValueError(f"input is empty: shape {tuple(x.shape)}")
         _checks.check_device("input", x, self.running_mean.device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        y = online_norm(x, self.state, self.alpha_fwd, self.alpha_bkw, self.eps, self.training, self.impl,
+    def forward(self, x: torch.Tensor, features: slice | None = None) -> torch.Tensor:
+        """``features``: normalize x as these features of the module (its state, affine and ECM groups), for a
+        cell whose gates are normalized in turn (the GRU's n gate needs r first); the others stay untouched.
+        Each feature's samples come in row order either way, so the state is what one call would leave."""
+        features = slice(0, self.num_features) if features is None else features
+        start, stop, _ = features.indices(self.num_features)
+        if start % self.ls_group_size or stop % self.ls_group_size:
+            raise ValueError(f"features {start}:{stop} must be whole ECM groups of {self.ls_group_size}")
+        self.check_input(x, stop - start)
+        state = OnlineNormState(*(t[start:stop] for t in vars(self.state).values()))  # views: updated in place
+        y = online_norm(x, state, self.alpha_fwd, self.alpha_bkw, self.eps, self.training, self.impl,
                         self.v_decay_min)
         if self.affine:
             view = (1, -1) + (1,) * (x.dim() - 2)
-            y = y * self.weight.view(view) + self.bias.view(view)
+            y = y * self.weight[start:stop].view(view) + self.bias[start:stop].view(view)
         return apply_ecm(y, self.ecm, self.ls_group_size, self.ls_eps, self.clamp_value)
 
     def extra_repr(self) -> str:
