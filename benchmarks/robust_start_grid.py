@@ -8,7 +8,8 @@ in parallel, one thread each); a last call with ``--summarize`` writes
 OUT/table.md: per variant and preset the median (min-max) validation
 perplexity, the divergences, the worst run against its preset's median, and
 on the seeds that train as written (within 1.3x the preset's best as-written
-run) the largest change against as written.
+run) the largest change against as written; and OUT/valid_ppl.png, one marker
+per run.
 
     python benchmarks/robust_start_grid.py --out runs/robust --epochs 1 --worker 0/2 &
     python benchmarks/robust_start_grid.py --out runs/robust --epochs 1 --worker 1/2 &
@@ -96,6 +97,38 @@ def summarize(args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(args, path: Path) -> None:
+    """Validation perplexity after the budget, one marker per seed, per preset and variant; diverged at the top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out, top = Path(args.out), 3e4
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / len(args.variants)
+    for k, variant in enumerate(args.variants):
+        for i, preset in enumerate(args.presets):
+            runs = [load(out, variant, preset, s) for s in args.seeds]
+            xs = [i + (k - (len(args.variants) - 1) / 2) * width + 0.02 * j for j in range(len(runs))]
+            ppl = [None if r is None else (r["best_valid_ppl"] if r["status"] == "finished" else top) for r in runs]
+            ok = [(x, min(v, top)) for x, v in zip(xs, ppl) if v is not None and v < top]
+            bad = [(x, top) for x, v in zip(xs, ppl) if v is not None and v >= top]
+            if ok:
+                ax.plot(*zip(*ok), "o", color=f"C{k}", alpha=0.8, label=variant if i == 0 else None)
+            if bad:
+                ax.plot(*zip(*bad), "x", color=f"C{k}", markersize=9)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(args.presets)), [p.replace("paper-", "") for p in args.presets])
+    ax.set_ylabel("validation perplexity (corpus)")
+    ax.set_title(f"PTB, {args.epochs} epoch(s), seeds {list(args.seeds)}: x = diverged or above {top:.0e}",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/robust")
@@ -114,6 +147,10 @@ def main() -> None:
     table = summarize(args)
     (Path(args.out) / "table.md").write_text(table)
     print(table)
+    try:
+        plot(args, Path(args.out) / "valid_ppl.png")
+    except ImportError:
+        print("matplotlib is not installed: no plot")
 
 
 if __name__ == "__main__":

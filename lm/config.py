@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-CELLS = ("lstm", "rnn", "lstm-cudnn", "rnn-cudnn")
+CELLS = ("lstm", "rnn", "gru", "lstm-cudnn", "rnn-cudnn", "gru-cudnn")
 NORMS = ("online", "layer", "none")
 WARMUPS = ("truncate", "bptt", "lr", "none")  # lm/robust_start.py
 AS_WRITTEN = {"warmup": "none", "adaptive_clip": None}  # --as-written: no robust start

@@ -1,9 +1,10 @@
 """The language model: embedding -> recurrent layers -> dropout -> decoder tied to the embedding.
 
-Cells: ``lstm`` / ``rnn`` are ``seqnorm.LSTM`` / ``seqnorm.RNN`` with ``norm``
-online, layer or none; ``lstm-cudnn`` / ``rnn-cudnn`` are ``torch.nn.LSTM`` /
-``torch.nn.RNN`` (cuDNN on a GPU), the paper's unnormalized baseline, and
-need ``norm='none'``.
+Cells: ``lstm`` / ``rnn`` / ``gru`` are ``seqnorm.LSTM`` / ``seqnorm.RNN`` /
+``seqnorm.GRU`` with ``norm`` online, layer or none; ``lstm-cudnn`` /
+``rnn-cudnn`` / ``gru-cudnn`` are ``torch.nn.LSTM`` / ``torch.nn.RNN`` /
+``torch.nn.GRU`` (cuDNN on a GPU), the paper's unnormalized baseline, and need
+``norm='none'``.
 """
 from __future__ import annotations
 
@@ -20,11 +21,15 @@ def build_recurrent(cfg: ModelConfig) -> nn.Module:
         return nn.LSTM(cfg.emsize, cfg.nhid, cfg.nlayers, dropout=dropout)
     if cfg.cell == "rnn-cudnn":
         return nn.RNN(cfg.emsize, cfg.nhid, cfg.nlayers, nonlinearity=cfg.nonlinearity, dropout=dropout)
+    if cfg.cell == "gru-cudnn":
+        return nn.GRU(cfg.emsize, cfg.nhid, cfg.nlayers, dropout=dropout)
     on = {k: v for k, v in (("alpha_fwd", cfg.alpha_fwd), ("alpha_bkw", cfg.alpha_bkw)) if v is not None}
     on["v_decay_min"] = cfg.v_decay_min
     norm = None if cfg.norm == "none" else cfg.norm
     if cfg.cell == "lstm":
         return seqnorm.LSTM(cfg.emsize, cfg.nhid, cfg.nlayers, dropout=dropout, norm=norm, ecm=cfg.ecm, **on)
+    if cfg.cell == "gru":
+        return seqnorm.GRU(cfg.emsize, cfg.nhid, cfg.nlayers, dropout=dropout, norm=norm, ecm=cfg.ecm, **on)
     return seqnorm.RNN(cfg.emsize, cfg.nhid, cfg.nlayers, nonlinearity=cfg.nonlinearity, dropout=dropout, norm=norm,
                        ecm=cfg.ecm, **on)
 

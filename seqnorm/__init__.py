@@ -2,15 +2,15 @@
 import torch
 
 from .cells import GRUCell, LSTMCell, RNNCell
-from .layers import LSTM, RNN
+from .layers import GRU, LSTM, RNN
 from .norms import GroupLayerNorm, OnlineNormConfig
 from .online_norm import OnlineNorm, OnlineNormState, online_norm
 
 # The classes a whole saved seqnorm module pickles; registered so that torch.load(..., weights_only=True)
 # reads such a file without the caller listing them.
-SAFE_GLOBALS = [LSTM, RNN, LSTMCell, RNNCell, GRUCell, OnlineNorm, GroupLayerNorm, OnlineNormConfig]
+SAFE_GLOBALS = [LSTM, RNN, GRU, LSTMCell, RNNCell, GRUCell, OnlineNorm, GroupLayerNorm, OnlineNormConfig]
 torch.serialization.add_safe_globals(SAFE_GLOBALS)
 
-__all__ = ["LSTM", "RNN", "LSTMCell", "RNNCell", "GRUCell", "OnlineNorm", "OnlineNormState", "OnlineNormConfig", "GroupLayerNorm",
+__all__ = ["LSTM", "RNN", "GRU", "LSTMCell", "RNNCell", "GRUCell", "OnlineNorm", "OnlineNormState", "OnlineNormConfig", "GroupLayerNorm",
            "online_norm", "SAFE_GLOBALS"]
 __version__ = "0.1.0"

@@ -138,6 +138,19 @@ class RNNCell(_NormalizedCell):
         return h_new[0] if unbatched else h_new
 
 
+def gru_step(gi, gh, h, norm, hidden_size: int):
+    """One GRU step from gi = W_ih x + b_ih and gh = W_hh h + b_hh (B, 3H): r, z first, then n (needs r).
+    ``norm``: the 3H normalizer (``features=`` slices), or None."""
+    H = hidden_size
+
+    def normalize(a, first_gate):
+        return a if norm is None else norm(a, slice(first_gate * H, first_gate * H + a.shape[1]))
+
+    r, z = torch.sigmoid(normalize(gi[:, :2 * H] + gh[:, :2 * H], 0)).chunk(2, 1)
+    n = torch.tanh(normalize(gi[:, 2 * H:] + r * gh[:, 2 * H:], 2))
+    return (1 - z) * n + z * h
+
+
 class GRUCell(_NormalizedCell):
     """``torch.nn.GRUCell`` with normalized gate pre-activations (r, z and the argument of n's tanh).
 
@@ -149,22 +162,13 @@ class GRUCell(_NormalizedCell):
                  config: OnlineNormConfig | None = None, device=None, dtype=None, **config_fields):
         super().__init__(input_size, hidden_size, 3, bias, norm, make_config(config, config_fields), device, dtype)
 
-    def _norm(self, a, first_gate: int):
-        """The normalizer on gates ``first_gate``.. of the r, z, n features (a holds whole gates)."""
-        if self.norm is None:
-            return a
-        return self.norm(a, slice(first_gate * self.hidden_size, first_gate * self.hidden_size + a.shape[1]))
-
     def forward(self, input: torch.Tensor, hx=None):
         x, unbatched = check_step_input(input, self.input_size, self.weight_ih)
         if hx is None:
             h = x.new_zeros(x.shape[0], self.hidden_size)
         else:
             h = check_state("hx", hx, x.shape[0], self.hidden_size, unbatched, self.weight_ih)
-        H = self.hidden_size
         gi = torch.nn.functional.linear(x, self.weight_ih, self.bias_ih)
         gh = torch.nn.functional.linear(h, self.weight_hh, self.bias_hh)
-        r, z = torch.sigmoid(self._norm(gi[:, :2 * H] + gh[:, :2 * H], 0)).chunk(2, 1)
-        n = torch.tanh(self._norm(gi[:, 2 * H:] + r * gh[:, 2 * H:], 2))
-        h_new = (1 - z) * n + z * h
+        h_new = gru_step(gi, gh, h, self.norm, self.hidden_size)
         return h_new[0] if unbatched else h_new

@@ -24,7 +24,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import _checks, backend as backends, ops
 from ._compile import assume_constant_result
-from .cells import NONLINEARITIES
+from .cells import NONLINEARITIES, gru_step
 from .norms import OnlineNormConfig, build_norm, canonical_norm, make_config
 from .packing import Packing
 from .sequence import RecurrenceFunction, RecurrenceSpec, plain_recurrence
@@ -59,6 +59,7 @@ def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> 
 class _RecurrentLayers(nn.Module):
     cell = ""
     gates = 1
+    fold_hidden_bias = True  # b_hh joins b_ih in the input projection (not for the GRU: r multiplies b_hn)
 
     def __init__(self, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size,
                  norm, config, nonlinearity, backend, device, dtype):
@@ -133,7 +134,7 @@ class _RecurrentLayers(nn.Module):
         ``kwargs``: this class's own keywords (``norm=``, ``config=``, ``backend=``, config fields); the
         normalizers start at their initial state.
         """
-        want = nn.LSTM if cls is LSTM else nn.RNN
+        want = cls.torch_class
         if not isinstance(module, want):
             raise TypeError(f"{cls.__name__}.from_torch needs a torch.nn.{want.__name__}, got {type(module).__name__}")
         p = next(module.parameters())
@@ -141,7 +142,7 @@ class _RecurrentLayers(nn.Module):
                     dropout=module.dropout, bidirectional=module.bidirectional, device=p.device, dtype=p.dtype)
         if cls is LSTM:
             args["proj_size"] = module.proj_size
-        else:
+        elif cls is RNN:
             args["nonlinearity"] = module.nonlinearity
         layer = cls(module.input_size, module.hidden_size, **args, **kwargs)
         missing, unexpected = layer.load_state_dict(module.state_dict(), strict=False)
@@ -249,11 +250,9 @@ class _RecurrentLayers(nn.Module):
         final h, c of a row is the one after its last active step; padded outputs are zero.
         """
         w_ih, w_hh, b_ih, b_hh, norm, w_hr = self._layer_params(k, sfx)
-        xproj = F.linear(x, w_ih, None if b_ih is None else b_ih + b_hh)
+        xproj = F.linear(x, w_ih, b_ih if b_ih is None or not self.fold_hidden_bias else b_ih + b_hh)
         spec_text = self._spec_text()
         state = norm.state if self.norm_type == "online" else None
-        gamma, beta = (norm.weight, norm.bias) if norm is not None else (None, None)
-        backend = _resolve_backend(self.backend, xproj.device, xproj.dtype)  # bf16 under autocast
         B, h, c = x.shape[1], h0, c0
         outs, ended_h, ended_c = [], [], []  # rows whose sequences ended before a run, latest first
         rows = runs[0][2]
@@ -266,13 +265,19 @@ class _RecurrentLayers(nn.Module):
                     ended_c.insert(0, c[n:])
                     c = c[:n]
             chunk = xproj[t0:t1] if n == B else xproj[t0:t1, :n].contiguous()
-            out, h, c = _recurrence(backend, spec_text, state, chunk, h, c, w_hh, gamma, beta, w_hr)
+            out, h, c = self._recurrence(spec_text, state, chunk, h, c, w_hh, b_hh, norm, w_hr)
             outs.append(out if n == B else F.pad(out, (0, 0, 0, B - n)))
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
         h = torch.cat([h, *ended_h]) if ended_h else h
         c = torch.cat([c, *ended_c]) if ended_c else c
         self._warn_if_skipped(out, f"{k}{sfx}")
         return out, h, c
+
+    def _recurrence(self, spec_text, state, xproj, h, c, w_hh, b_hh, norm, w_hr):
+        """One call of the recurrence over ``xproj`` (T, n, G*H) from (h, c): (out, h_T, c_T)."""
+        backend = _resolve_backend(self.backend, xproj.device, xproj.dtype)  # bf16 under autocast
+        gamma, beta = (norm.weight, norm.bias) if norm is not None else (None, None)
+        return _recurrence(backend, spec_text, state, xproj, h, c, w_hh, gamma, beta, w_hr)
 
     def _warn_if_skipped(self, out, k):
         """Once per layer module, in training on CPU (a free check there): non-finite samples were skipped."""
@@ -317,6 +322,7 @@ class LSTM(_RecurrentLayers):
     cell = "lstm"
     gates = 4
     mode = "LSTM"
+    torch_class = nn.LSTM
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
@@ -349,6 +355,7 @@ class RNN(_RecurrentLayers):
 
     cell = "rnn"
     gates = 1
+    torch_class = nn.RNN
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
@@ -359,6 +366,47 @@ class RNN(_RecurrentLayers):
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0, norm,
                          config, nonlinearity, backend, device, dtype)
         self.mode = f"RNN_{nonlinearity.upper()}"
+
+    def forward(self, input, hx=None):
+        """input: (T, B, I), (B, T, I) with batch_first, (T, I) unbatched, or a PackedSequence."""
+        x, packing, unbatched = self._to_time_major(input)
+        h0 = self._initial("h_0", hx, x.shape[1], unbatched, self.hidden_size, packing)
+        out, h_n, _ = self._run_layers(x, h0, None, packing)
+        return self._from_time_major(out, packing, unbatched, input), self._final(h_n, packing, unbatched)
+
+
+class GRU(_RecurrentLayers):
+    """Multi-layer GRU with normalized gate pre-activations (r, z and the argument of n's tanh; h unnormalized).
+
+    forward(input, hx=None) -> output, h_n with the shapes of ``torch.nn.GRU``; parameters and gate layout
+    (r, z, n) as torch.nn's.  One normalizer of 3H features per layer and direction (``seqnorm.cells``,
+    docs/gru.md).  Online Normalization hyperparameters default to ``OnlineNormConfig()``.
+    The recurrence runs step by step through autograd (the torch path; the fused kernels and the custom op
+    are not written for the GRU yet), so ``backend`` may only be "auto" or "torch".
+    """
+
+    cell = "gru"
+    gates = 3
+    mode = "GRU"
+    torch_class = nn.GRU
+    fold_hidden_bias = False
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, device=None,
+                 dtype=None, *, norm="online", config: OnlineNormConfig | None = None, backend: str = "auto",
+                 **config_fields):
+        if backend not in ("auto", "torch"):
+            raise ValueError(f"seqnorm.GRU runs on backend='torch' (per-step autograd) for now; the fused "
+                             f"'cpu' and 'triton' kernels are not written for the GRU yet, got backend={backend!r}")
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0, norm,
+                         make_config(config, config_fields), "tanh", backend, device, dtype)
+
+    def _recurrence(self, spec_text, state, xproj, h, c, w_hh, b_hh, norm, w_hr):
+        outs = []
+        for gi in xproj.unbind(0):
+            h = gru_step(gi, F.linear(h, w_hh, b_hh), h, norm, self.hidden_size)
+            outs.append(h)
+        return torch.stack(outs), h, None
 
     def forward(self, input, hx=None):
         """input: (T, B, I), (B, T, I) with batch_first, (T, I) unbatched, or a PackedSequence."""

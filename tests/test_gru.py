@@ -97,3 +97,95 @@ def test_gru_cell_errors_and_weights_only_loading(tmp_path):
     with pytest.raises(ValueError, match="must be whole ECM groups"):
         cell.norm(torch.randn(B, 2), slice(0, 2))
     assert F.mse_loss(loaded.eval()(torch.randn(B, I)), torch.zeros(B, H)) >= 0  # eval: frozen statistics run
+
+
+def _grads_of(out, hn, inputs):
+    return torch.autograd.grad(out.sin().sum() + hn.cos().sum(), inputs, allow_unused=True)
+
+
+@pytest.mark.parametrize("kw", [dict(num_layers=2), dict(bidirectional=True, batch_first=True),
+                                dict(num_layers=2, bidirectional=True, bias=False)])
+def test_gru_layer_without_norm_is_torch_nn_gru(kw):
+    torch.manual_seed(2)
+    ref = torch.nn.GRU(I, H, dtype=torch.float64, **kw)
+    gru = seqnorm.GRU.from_torch(ref, norm=None)
+    shape = (B, 6, I) if ref.batch_first else (6, B, I)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(ref.num_layers * (2 if ref.bidirectional else 1), B, H, dtype=torch.float64)
+    outs = [m(x, h0) for m in (ref, gru)]
+    for a, b in zip(outs[0], outs[1]):
+        torch.testing.assert_close(b, a)
+    grads = [_grads_of(*o, [x, *m.parameters()]) for o, m in zip(outs, (ref, gru))]
+    for name, a, b in zip(["input", *dict(ref.named_parameters())], *grads):
+        torch.testing.assert_close(b, a, msg=name)
+    one = [m(x[0] if ref.batch_first else x[:, 0], h0[:, 0]) for m in (ref, gru)]  # unbatched
+    for a, b in zip(*one):
+        torch.testing.assert_close(b, a)
+
+
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+def test_gru_layer_packed_without_norm_is_torch_nn_gru(enforce_sorted):
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    torch.manual_seed(3)
+    ref = torch.nn.GRU(I, H, bidirectional=True, dtype=torch.float64)
+    gru = seqnorm.GRU.from_torch(ref, norm=None)
+    lengths = [6, 4, 4, 2, 1] if enforce_sorted else [2, 6, 1, 4, 4]
+    x = torch.randn(6, B, I, dtype=torch.float64, requires_grad=True)
+    outs = [m(pack_padded_sequence(x, lengths, enforce_sorted=enforce_sorted)) for m in (ref, gru)]
+    torch.testing.assert_close(outs[1][0].data, outs[0][0].data)
+    torch.testing.assert_close(outs[1][1], outs[0][1])
+    grads = [_grads_of(o[0].data, o[1], [x, *m.parameters()]) for o, m in zip(outs, (ref, gru))]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a)
+
+
+@pytest.mark.parametrize("norm", ["online", "layer"])
+def test_gru_layer_equals_the_per_step_loop(norm):
+    torch.manual_seed(4)
+    gru = seqnorm.GRU(I, H, norm=norm, dtype=torch.float64)
+    names = {"weight_ih_l0": "weight_ih", "weight_hh_l0": "weight_hh", "bias_ih_l0": "bias_ih",
+             "bias_hh_l0": "bias_hh", "norm_l0.weight": "norm.weight", "norm_l0.bias": "norm.bias"}
+    with torch.no_grad():
+        gru.norm_l0.weight.uniform_(0.5, 1.5)
+    p = {names[k]: v.detach().clone().requires_grad_() for k, v in gru.named_parameters()}
+    cfg = gru.config
+    states = {0: online_state(2 * H, cfg.alpha_fwd, cfg.alpha_bkw, cfg.v_decay_min),
+              2: online_state(H, cfg.alpha_fwd, cfg.alpha_bkw, cfg.v_decay_min)}
+    h_lib = h_ref = torch.zeros(1, B, H, dtype=torch.float64)
+    for call in range(2):  # the hidden state and the statistics carry from call to call
+        x = (3 * torch.randn(5, B, I, dtype=torch.float64)).requires_grad_()
+        out, h_lib = gru(x, h_lib.detach())
+        h, outs = h_ref[0].detach(), []
+        for x_t in x:
+            h = _loop_step(p, x_t, h, norm, states)
+            outs.append(h)
+        ref, h_ref = torch.stack(outs), h[None]
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+        g_lib = _grads_of(out, h_lib, [x, *gru.parameters()])
+        g_ref = _grads_of(ref, h_ref, [x, *p.values()])
+        for name, a, b in zip(["input", *p], g_lib, g_ref):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)
+    if norm == "online":
+        for buf, key in (("running_mean", "mu"), ("running_var", "var"), ("control_u", "u"), ("control_v", "v")):
+            torch.testing.assert_close(getattr(gru.norm_l0, buf), torch.cat([states[0][key], states[2][key]]),
+                                       rtol=1e-10, atol=1e-12, msg=buf)
+
+
+def test_the_cell_is_one_step_of_the_layer_and_the_layer_saves(tmp_path):
+    torch.manual_seed(5)
+    gru, cell = seqnorm.GRU(I, H), seqnorm.GRUCell(I, H)
+    cell.load_state_dict({k.replace("_l0", "").replace("norm_l0", "norm"): v for k, v in gru.state_dict().items()})
+    x, h = torch.randn(1, B, I), torch.randn(1, B, H)
+    torch.testing.assert_close(gru(x, h)[0][0], cell(x[0], h[0]))
+    for a, b in (("running_mean", "running_mean"), ("running_var", "running_var")):
+        torch.testing.assert_close(getattr(gru.norm_l0, a), getattr(cell.norm, b))
+    torch.save(gru, tmp_path / "gru.pt")
+    loaded = torch.load(tmp_path / "gru.pt", weights_only=True)
+    assert isinstance(loaded, seqnorm.GRU) and loaded.mode == "GRU"
+    loaded.eval()
+    torch.testing.assert_close(loaded(x, h)[0], gru.eval()(x, h)[0])
+    with pytest.raises(ValueError, match="backend='torch'"):
+        seqnorm.GRU(I, H, backend="cpu")
+    with pytest.raises(TypeError, match="needs a torch.nn.GRU"):
+        seqnorm.GRU.from_torch(torch.nn.LSTM(I, H))
