@@ -17,6 +17,7 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from .checkpoint import load_checkpoint
 from .data import resolve_data_dir
 from .presets import PRESETS, preset_name
 from .train import TrainConfig, TrainingDiverged, train
@@ -53,27 +54,50 @@ def run_grid(out, data=None, cells=("lstm", "rnn"), norms=("online", "layer", "n
     return results
 
 
-def _same_settings(saved: dict, cfg: TrainConfig) -> bool:
-    """Whether a saved run config is ``cfg``, comparing data folders as resolved (None: $SEQNORM_DATA)."""
+BUDGET = ("epochs", "max_steps")  # a run may be continued to a larger budget; any other setting is the run's own
+
+
+def _differences(saved: dict, cfg: TrainConfig) -> dict:
+    """The settings in which a saved run config differs from ``cfg``: {name: (saved, wanted)}, comparing data
+    folders as resolved (None: $SEQNORM_DATA)."""
     want = json.loads(json.dumps(asdict(cfg)))
     resolve = lambda c: {**c, "data": str(resolve_data_dir(c.get("data")))}  # noqa: E731
-    return resolve(saved) == resolve(want)
+    saved, want = resolve(saved), resolve(want)
+    return {k: (saved.get(k), want.get(k)) for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)}
+
+
+def _check_same_run(saved: dict, cfg: TrainConfig, path: Path) -> dict:
+    """The differences, after making sure they are only the budget: another setting (an as-written run where
+    the robust start is asked for, another lr) is an error, never a run relabeled."""
+    diff = _differences(saved, cfg)
+    other = {k: v for k, v in diff.items() if k not in BUDGET}
+    if other:
+        said = ", ".join(f"{k} {a!r} there, {b!r} here" for k, (a, b) in other.items())
+        raise ValueError(f"{path} holds a run with other settings ({said}); use another --out or remove it")
+    return diff
 
 
 def _train_or_diverge(cfg: TrainConfig, progress: bool, label: str = "") -> dict:
-    """Train (resuming); a finished run with these settings is reused, a divergence is recorded in
-    ``diverged.json`` and not retried on a rerun."""
-    marker, done = Path(cfg.out) / "diverged.json", Path(cfg.out) / "summary.json"
+    """Train (resuming); a finished run with these settings is reused (continued when the budget grew), a
+    divergence is recorded in ``diverged.json`` and not retried on a rerun.  A folder holding a run with other
+    settings is an error."""
+    out = Path(cfg.out)
+    marker, done, last = out / "diverged.json", out / "summary.json", out / "last.pt"
     if marker.exists():
-        return json.loads(marker.read_text())
+        summary = json.loads(marker.read_text())
+        _check_same_run(summary.get("config", json.loads(json.dumps(asdict(cfg)))), cfg, marker)
+        return summary
     if done.exists():
         summary = json.loads(done.read_text())
-        if summary.get("status") == "finished" and _same_settings(summary.get("config", {}), cfg):
+        if not _check_same_run(summary.get("config", {}), cfg, done) and summary.get("status") == "finished":
             return summary
+    elif last.exists():
+        _check_same_run(load_checkpoint(last)["train_config"], cfg, last)
     try:
         return train(cfg, resume=True, progress=progress, label=label)
     except TrainingDiverged as e:
-        summary = {"status": "diverged", "error": str(e), "step": e.step}
+        summary = {"status": "diverged", "error": str(e), "step": e.step,
+                   "config": json.loads(json.dumps(asdict(cfg)))}
         marker.write_text(json.dumps(summary) + "\n")
         return summary
 

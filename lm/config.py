@@ -111,11 +111,6 @@ class TrainConfig:
         if self.adaptive_clip is not None and self.adaptive_clip <= 0:
             raise ValueError(f"adaptive_clip must be positive, got {self.adaptive_clip}")
 
-    @property
-    def as_written(self) -> bool:
-        """No robust start: the paper's settings exactly as printed."""
-        return self.warmup == "none" and self.adaptive_clip is None
-
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]

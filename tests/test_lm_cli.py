@@ -217,3 +217,16 @@ def test_generate_echoes_the_prompt(tiny_checkpoint, capsys):
     assert main(["generate", "--checkpoint", str(ckpt), "--words", "5", "--prompt", "w3 w4"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("w3 w4 ") and len(out.split()) + out.count("\n") >= 7  # <eos> prints as a line break
+
+
+def test_gru_online_trains_40_steps_on_ptb(tmp_path, capsys):
+    """seqnorm.GRU in the pipeline: 40 steps at a fixed BPTT of 35, loss finite and falling."""
+    assert main(["train", "--cell", "gru", "--norm", "online", "--lr", "1", "--bptt", "35", "--bptt-mode", "fixed",
+                 "--data", str(ptb_dir()), "--max-steps", "40", "--out", str(tmp_path / "gru"), "--no-progress"]) == 0
+    (record,) = json.loads((tmp_path / "gru" / "summary.json").read_text())["history"]
+    start = math.log(10_000)
+    assert record["train_loss"] < start and record["valid_loss"] < start - 1.0
+    import seqnorm
+    from lm import load_model
+
+    assert isinstance(load_model(tmp_path / "gru" / "best.pt")[0].rnn, seqnorm.GRU)

@@ -283,3 +283,18 @@ def test_v_decay_min_is_stored_and_older_checkpoints_get_the_default(corpus_dir,
     unfloored = small_config(corpus_dir, tmp_path / "none", max_steps=2, v_decay_min=None)
     train(unfloored, progress=False)
     assert load_model(tmp_path / "none" / "best.pt")[0].rnn.norm_l0.v_decay_min is None
+
+
+def test_compare_never_relabels_a_run_with_other_settings(corpus_dir, tmp_path):
+    """An as-written run is not reused (or resumed) for the robust start, nor the reverse; a larger budget
+    continues the run."""
+    from lm.config import AS_WRITTEN
+
+    grid = dict(data=str(corpus_dir), cells=("rnn",), norms=("none",), seeds=(0,), progress=False, epochs=1)
+    first = compare.run_grid(tmp_path / "cmp", **grid, overrides=AS_WRITTEN)
+    with pytest.raises(ValueError, match=r"holds a run with other settings \(warmup 'none' there, "
+                                         r"'truncate' here\); use another --out"):
+        compare.run_grid(tmp_path / "cmp", **grid)
+    longer = compare.run_grid(tmp_path / "cmp", **{**grid, "epochs": 2}, overrides=AS_WRITTEN)
+    (a,), (b,) = first["runs"], longer["runs"]
+    assert b["epochs_completed"] == 2 and b["history"][0] == a["history"][0]  # continued, not retrained
