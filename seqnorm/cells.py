@@ -84,6 +84,13 @@ class _NormalizedCell(nn.Module):
             if p is not None:
                 nn.init.uniform_(p, -bound, bound)
 
+    def _input_and_state(self, input, hx):
+        """(x (B, I), h (B, H), unbatched) for a cell with one state tensor; h zeros when hx is None."""
+        x, unbatched = check_step_input(input, self.input_size, self.weight_ih)
+        if hx is None:
+            return x, x.new_zeros(x.shape[0], self.hidden_size), unbatched
+        return x, check_state("hx", hx, x.shape[0], self.hidden_size, unbatched, self.weight_ih), unbatched
+
     def _preactivation(self, x, h):
         pre = torch.nn.functional.linear(x, self.weight_ih, self.bias_ih) + torch.nn.functional.linear(h, self.weight_hh, self.bias_hh)
         return pre if self.norm is None else self.norm(pre)
@@ -129,11 +136,7 @@ class RNNCell(_NormalizedCell):
         self.nonlinearity = _checks.check_choice("nonlinearity", nonlinearity, tuple(NONLINEARITIES))
 
     def forward(self, input: torch.Tensor, hx=None):
-        x, unbatched = check_step_input(input, self.input_size, self.weight_ih)
-        if hx is None:
-            h = x.new_zeros(x.shape[0], self.hidden_size)
-        else:
-            h = check_state("hx", hx, x.shape[0], self.hidden_size, unbatched, self.weight_ih)
+        x, h, unbatched = self._input_and_state(input, hx)
         h_new = NONLINEARITIES[self.nonlinearity](self._preactivation(x, h))
         return h_new[0] if unbatched else h_new
 
@@ -163,11 +166,7 @@ class GRUCell(_NormalizedCell):
         super().__init__(input_size, hidden_size, 3, bias, norm, make_config(config, config_fields), device, dtype)
 
     def forward(self, input: torch.Tensor, hx=None):
-        x, unbatched = check_step_input(input, self.input_size, self.weight_ih)
-        if hx is None:
-            h = x.new_zeros(x.shape[0], self.hidden_size)
-        else:
-            h = check_state("hx", hx, x.shape[0], self.hidden_size, unbatched, self.weight_ih)
+        x, h, unbatched = self._input_and_state(input, hx)
         gi = torch.nn.functional.linear(x, self.weight_ih, self.bias_ih)
         gh = torch.nn.functional.linear(h, self.weight_hh, self.bias_hh)
         h_new = gru_step(gi, gh, h, self.norm, self.hidden_size)
