@@ -30,12 +30,13 @@ from lm.presets import PRESETS
 
 VARIANTS = {
     "as-written": dict(AS_WRITTEN),
-    "truncate": dict(warmup="truncate"),
+    "truncate300": dict(warmup="truncate", warmup_steps=300),
+    "truncate10": dict(warmup="truncate", warmup_steps=10),
     "bptt": dict(warmup="bptt"),
     "lr": dict(warmup="lr"),
     "clip10": dict(AS_WRITTEN, clip=10.0),
     "adaptive4": dict(AS_WRITTEN, adaptive_clip=4.0),
-    "truncate+adaptive4": dict(warmup="truncate", adaptive_clip=4.0),
+    "truncate10+adaptive4": dict(warmup="truncate", warmup_steps=10, adaptive_clip=4.0),
 }
 SEEDS = (0, 1, 2, 3, 6, 13)  # first segments 44, 115, 92, 16, 127, 121 (13: then 115, 116)
 

@@ -59,9 +59,10 @@ BUDGET = ("epochs", "max_steps")  # a run may be continued to a larger budget; a
 
 def _differences(saved: dict, cfg: TrainConfig) -> dict:
     """The settings in which a saved run config differs from ``cfg``: {name: (saved, wanted)}, comparing data
-    folders as resolved (None: $SEQNORM_DATA)."""
+    folders as resolved (None: $SEQNORM_DATA) and ignoring ``out`` (a run folder may be moved, e.g. into the
+    committed results)."""
     want = json.loads(json.dumps(asdict(cfg)))
-    resolve = lambda c: {**c, "data": str(resolve_data_dir(c.get("data")))}  # noqa: E731
+    resolve = lambda c: {**c, "data": str(resolve_data_dir(c.get("data"))), "out": None}  # noqa: E731
     saved, want = resolve(saved), resolve(want)
     return {k: (saved.get(k), want.get(k)) for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)}
 
