@@ -10,12 +10,20 @@ algorithm's and not float32's or a kernel's.  With ``--truncate K`` the backward
 reaches at most K steps (the robust start's first step).  Writes a JSON file
 and, with matplotlib, a log-scale plot.
 
-    python benchmarks/first_step_gradients.py --out docs/first_step_gradients
+``--after-steps N ...`` measures instead how long the explosion lasts: the
+preset trains with its default (robust) start, and before step N the gradient
+norm of a 128-step probe segment (full backpropagation, from a zero state, at a
+fixed position of the training data, on a copy of the model) is recorded.
+
+    python benchmarks/first_step_gradients.py --out docs/figures/first_step_gradients --float64 --truncate 32
+    python benchmarks/first_step_gradients.py --out docs/figures/after_steps --after-steps 0 1 2 3 5 10 20 50
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -25,7 +33,7 @@ from lm.batching import batchify
 from lm.data import load_corpus
 from lm.model import RNNLM
 from lm.presets import PRESETS
-from lm.train import TrainConfig
+from lm.train import TrainConfig, Trainer
 
 LENGTHS = (8, 16, 32, 48, 64, 80, 96, 112, 128)
 
@@ -43,6 +51,27 @@ def first_step_norm(preset: str, seed: int, data: torch.Tensor, length: int, flo
     logits, _ = model(x, model.init_hidden(data.shape[1]), truncate=truncate)
     F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1)).backward()
     return float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
+
+
+def probe_after_steps(preset: str, seed: int, marks: list[int], out: Path) -> list[float]:
+    """The 128-step probe's gradient norm before each step in ``marks``, training with the default start."""
+    cfg = TrainConfig(**PRESETS[preset].train_fields(), seed=seed, out=str(out), max_steps=max(marks) + 1)
+    trainer = Trainer(cfg, progress=False)
+    x, y = trainer.train_data[5000:5128], trainer.train_data[5001:5129]
+    norms, train_step = {}, trainer._train_step
+
+    def step(*args):
+        if trainer.step in marks:
+            model = copy.deepcopy(trainer.model)  # the probe moves no statistics of the run
+            logits, _ = model(x, model.init_hidden(x.shape[1]))
+            F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).backward()
+            norms[trainer.step] = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()
+                                                                        if p.grad is not None]))
+        return train_step(*args)
+
+    trainer._train_step = step
+    trainer.run()
+    return [norms[m] for m in marks]
 
 
 def plot(results: dict, path: Path) -> None:
@@ -83,7 +112,19 @@ def main() -> None:
     p.add_argument("--lengths", nargs="+", type=int, default=list(LENGTHS))
     p.add_argument("--float64", action="store_true", help="also the seqnorm models in float64 on the torch path")
     p.add_argument("--truncate", type=int, help="also with the backward truncated at this many steps")
+    p.add_argument("--after-steps", nargs="+", type=int, help="instead: the 128-step probe before these steps")
     args = p.parse_args()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.after_steps:
+        with tempfile.TemporaryDirectory() as runs:  # the training runs' checkpoints are not kept
+            results = {"after_steps": args.after_steps, "seeds": args.seeds, "norms": {
+                preset: [probe_after_steps(preset, s, args.after_steps, Path(runs) / f"{preset}-{s}") for s in args.seeds]
+                for preset in args.presets if not PRESETS[preset].cell.endswith("cudnn")}}
+        for preset, runs in results["norms"].items():
+            print(preset, [f"{min(c):.3g}-{max(c):.3g}" for c in zip(*runs)])
+        out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+        return
     data = batchify(load_corpus(args.data, "word").train, 20)
     results = {"lengths": args.lengths, "seeds": args.seeds, "truncate": args.truncate, "norms": {}}
     for preset in args.presets:
@@ -95,8 +136,6 @@ def main() -> None:
                                  for s in args.seeds]
         results["norms"][preset] = runs
         print(preset, {k: [f"{min(c):.3g}-{max(c):.3g}" for c in zip(*v)] for k, v in runs.items()}, flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     try:
         plot(results, out.with_suffix(".png"))
