@@ -32,8 +32,6 @@ from collections import deque
 
 import torch
 
-from .config import WARMUPS  # noqa: F401  (the names, kept torch-free for the CLI parser)
-
 
 def ramp_length(step: int, steps: int, start: int, end: int) -> int | None:
     """The length cap K before optimizer step ``step`` (0-based): ``start`` rising linearly to ``end`` over

@@ -225,9 +225,13 @@ class Trainer:
         return value
 
     def _clip(self) -> float:
-        """Fixed and adaptive gradient norm clipping; returns the norm before either."""
+        """Fixed and adaptive gradient norm clipping (each only when asked for); returns the norm before either."""
         params = list(self.model.parameters())
-        norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.clip if self.cfg.clip else math.inf))
+        if self.cfg.clip is not None:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.clip))
+        else:  # the norm alone: no scaling pass over the gradients on the default path
+            grads = [p.grad for p in params if p.grad is not None]
+            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
         if self.clipper is not None:
             self.clipper(params)
         return norm
