@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, fields
 
 CELLS = ("lstm", "rnn", "gru", "lstm-cudnn", "rnn-cudnn", "gru-cudnn")
 NORMS = ("online", "layer", "none")
-WARMUPS = ("truncate", "bptt", "lr", "none")  # lm/robust_start.py
+WARMUPS = ("truncate", "retry", "bptt", "lr", "none")  # lm/robust_start.py
 AS_WRITTEN = {"warmup": "none", "adaptive_clip": None}  # --as-written: no robust start
 
 
@@ -80,6 +80,7 @@ class TrainConfig:
     warmup: str = "truncate"  # the robust start (lm/robust_start.py); "none" with adaptive_clip None: as written
     warmup_steps: int = 300
     warmup_from: int = 32
+    retry_factor: float = 10.0
     adaptive_clip: float | None = None
     clip_window: int = 100
     batch_size: int = 20
@@ -108,6 +109,8 @@ class TrainConfig:
         for name in ("warmup_steps", "warmup_from", "clip_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.retry_factor > 1:
+            raise ValueError(f"retry_factor must be above 1, got {self.retry_factor}")
         if self.adaptive_clip is not None and self.adaptive_clip <= 0:
             raise ValueError(f"adaptive_clip must be positive, got {self.adaptive_clip}")
 

@@ -17,16 +17,25 @@ The measures, each a ``TrainConfig`` field (``--as-written`` turns all off):
 - ``warmup="bptt"``: the segment lengths themselves are capped at K(step)
   (the same random draws, each capped; the run takes more, shorter steps).
 - ``warmup="lr"``: the learning rate is scaled by (step + 1) / warmup_steps.
+- ``warmup="retry"``: every step is taken as written unless, during the first
+  ``warmup_steps`` steps, its gradient norm is more than ``retry_factor`` times
+  a yardstick; then the step is taken again from the same state with the
+  backward truncated at ``warmup_from`` steps (``RetryGuard``).  The yardstick
+  is the median of the recent accepted norms or, before there are any, the
+  norm of the same segment's truncated gradient.  A run that never retries is
+  bit for bit the run as written.
 - ``adaptive_clip=k``: the global gradient norm is clipped at k times the
   median of the last ``clip_window`` norms, so it is scale-free across presets
   and leaves healthy steps alone (``AdaptiveClip``; inactive until it has seen
   ``clip_window // 4`` norms, since a median of fewer says little).
 
-All but the adaptive clip are functions of the step count, so resuming is
-exact with no extra state; the clip's recent norms are saved in ``last.pt``.
+The warm-ups but retry are functions of the step count, so resuming is exact
+with no extra state; the recent norms of the retry guard and of the adaptive
+clip are saved in ``last.pt``.
 """
 from __future__ import annotations
 
+import math
 import statistics
 from collections import deque
 
@@ -59,28 +68,65 @@ def lr_factor(cfg, step: int) -> float:
     return (step + 1) / cfg.warmup_steps
 
 
-class AdaptiveClip:
-    """Clip the gradient norm at ``k`` times the running median of the last ``window`` norms (unclipped ones)."""
+class RecentNorms:
+    """The last ``window`` accepted gradient norms and their median (non-finite norms never enter)."""
 
-    def __init__(self, k: float, window: int):
-        self.k, self.window = k, window
+    def __init__(self, window: int):
+        self.window = window
         self.norms: deque[float] = deque(maxlen=window)
 
-    def threshold(self) -> float:
-        if len(self.norms) < max(1, self.window // 4):
-            return float("inf")
-        return self.k * statistics.median(self.norms)
-
-    def __call__(self, parameters) -> float:
-        """Clip the gradients in place; returns the norm before clipping."""
-        limit = self.threshold()
-        norm = float(torch.nn.utils.clip_grad_norm_(parameters, limit))
-        if norm == norm and norm != float("inf"):  # a non-finite norm never enters the median
+    def add(self, norm: float) -> None:
+        if math.isfinite(norm):
             self.norms.append(norm)
-        return norm
+
+    def median(self) -> float | None:
+        return statistics.median(self.norms) if self.norms else None
 
     def state_dict(self) -> dict:
         return {"norms": list(self.norms)}
 
     def load_state_dict(self, state: dict) -> None:
         self.norms = deque(state["norms"], maxlen=self.window)
+
+
+class AdaptiveClip(RecentNorms):
+    """Clip the gradient norm at ``k`` times the running median of the last ``window`` norms (unclipped ones)."""
+
+    def __init__(self, k: float, window: int):
+        super().__init__(window)
+        self.k = k
+
+    def threshold(self) -> float:
+        if len(self.norms) < max(1, self.window // 4):
+            return float("inf")
+        return self.k * self.median()
+
+    def __call__(self, parameters) -> float:
+        """Clip the gradients in place; returns the norm before clipping."""
+        limit = self.threshold()
+        norm = float(torch.nn.utils.clip_grad_norm_(parameters, limit))
+        self.add(norm)
+        return norm
+
+
+class RetryGuard(RecentNorms):
+    """``warmup="retry"``: which steps to take again with the backward truncated at ``length`` time steps.
+
+    Only steps before ``steps`` whose segment is longer than ``length`` are watched (a shorter one has nothing
+    to truncate).  A watched step is retried when its norm exceeds ``k`` times the yardstick: the median of the
+    recent accepted norms, or, before there are any, the norm of the same segment's truncated gradient
+    (``reference() is None`` asks the trainer for it).  The trainer records every step's accepted norm.
+    """
+
+    def __init__(self, k: float, steps: int, length: int, window: int):
+        super().__init__(window)
+        self.k, self.steps, self.length = k, steps, length
+
+    def watching(self, step: int, segment_length: int) -> bool:
+        return step < self.steps and segment_length > self.length
+
+    def recording(self, step: int) -> bool:
+        return step < self.steps
+
+    def exceeds(self, norm: float, reference: float) -> bool:
+        return not norm <= self.k * reference  # a non-finite norm exceeds any yardstick

@@ -124,6 +124,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=cfg.lr_decay)
         self.lengths = SegmentLengths(cfg.bptt, cfg.bptt_mode, seed=cfg.seed)
         self.clipper = robust_start.AdaptiveClip(cfg.adaptive_clip, cfg.clip_window) if cfg.adaptive_clip else None
+        self.guard = (robust_start.RetryGuard(cfg.retry_factor, cfg.warmup_steps, cfg.warmup_from, cfg.clip_window)
+                      if cfg.warmup == "retry" else None)
         self.epoch, self.pos, self.step = 0, 0, 0
         self.hidden = self.model.init_hidden(self.train_data.shape[1])
         self.sums = {"loss": 0.0, "tokens": 0, "seconds": 0.0}
@@ -144,7 +146,8 @@ class Trainer:
                 "lengths": self.lengths.state_dict(), "rng": rng_state(), "epoch": self.epoch, "pos": self.pos,
                 "step": self.step, "hidden": hidden, "sums": dict(self.sums), "best": dict(self.best),
                 "history": list(self.history), "world_size": self.ranks.world, "rank_states": rank_states,
-                "clip": self.clipper.state_dict() if self.clipper is not None else None}
+                "clip": self.clipper.state_dict() if self.clipper is not None else None,
+                "retry": self.guard.state_dict() if self.guard is not None else None}
         return payload
 
     @contextlib.contextmanager
@@ -184,6 +187,8 @@ class Trainer:
         self.sums, self.best, self.history = dict(t["sums"]), dict(t["best"]), list(t["history"])
         if self.clipper is not None and t.get("clip"):
             self.clipper.load_state_dict(t["clip"])
+        if self.guard is not None and t.get("retry"):
+            self.guard.load_state_dict(t["retry"])
 
     def save(self) -> None:
         with self._reconciled() as own:
@@ -206,14 +211,16 @@ class Trainer:
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         self.hidden = detach_hidden(self.hidden)
-        logits, self.hidden = self.net(x, self.hidden, truncate=robust_start.truncation(self.cfg, self.step))
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
-        value = parallel.global_mean(loss, y.numel(), self.ranks)  # the same on every rank
-        if not math.isfinite(value):  # before the update: the weights stay as they were
-            raise self._diverged(f"loss is {value}")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = self._clip()
+        watched = self.guard is not None and self.guard.watching(self.step, x.shape[0])
+        before = self._snapshot() if watched else None
+        value, hidden = self._forward_backward(x, y, robust_start.truncation(self.cfg, self.step))
+        norm = self._grad_norm()
+        if watched:
+            norm, hidden = self._retry_if_exploding(x, y, before, norm, hidden)
+        if self.guard is not None and self.guard.recording(self.step):
+            self.guard.add(norm)
+        self.hidden = hidden
+        self._clip()
         self.sums["grad_norm_max"] = max(self.sums.get("grad_norm_max", 0.0), norm)
         factor = robust_start.lr_factor(self.cfg, self.step)
         base = [group["lr"] for group in self.optimizer.param_groups]
@@ -224,17 +231,60 @@ class Trainer:
             group["lr"] = lr
         return value
 
-    def _clip(self) -> float:
-        """Fixed and adaptive gradient norm clipping (each only when asked for); returns the norm before either."""
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, truncate: int | None):
+        """The segment's loss (checked finite before any gradient exists) and its gradients; returns the loss
+        and the hidden state after the segment."""
+        logits, hidden = self.net(x, self.hidden, truncate=truncate)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+        value = parallel.global_mean(loss, y.numel(), self.ranks)  # the same on every rank
+        if not math.isfinite(value):  # before the update: the weights stay as they were
+            raise self._diverged(f"loss is {value}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return value, hidden
+
+    def _snapshot(self) -> dict:
+        """What a forward pass changes besides the graph: the statistics buffers and the random state."""
+        return {"buffers": {k: b.clone() for k, b in self.model.named_buffers()}, "rng": rng_state()}
+
+    def _load_snapshot(self, snap: dict) -> None:
+        with torch.no_grad():
+            for k, b in self.model.named_buffers():
+                b.copy_(snap["buffers"][k])
+        set_rng_state(snap["rng"])
+
+    def _retry_if_exploding(self, x, y, before: dict, norm: float, hidden):
+        """``warmup="retry"``: keep the step as written unless its gradient norm exceeds the guard's yardstick;
+        then take it again from ``before`` with the backward truncated. Returns the accepted norm and hidden."""
+        reference, after, grads = self.guard.median(), None, None
+        if reference is None:  # no history yet: the yardstick is this segment's own truncated gradient
+            after = self._snapshot()
+            grads = [None if p.grad is None else p.grad.clone() for p in self.model.parameters()]
+        elif not self.guard.exceeds(norm, reference):
+            return norm, hidden
+        full = norm
+        self._load_snapshot(before)
+        _, truncated_hidden = self._forward_backward(x, y, self.guard.length)
+        norm = self._grad_norm()
+        if after is not None and not self.guard.exceeds(full, norm):  # not exploding: back to the step as written
+            self._load_snapshot(after)
+            for p, g in zip(self.model.parameters(), grads):
+                p.grad = g
+            return full, hidden
+        self.sums["retries"] = self.sums.get("retries", 0) + 1
+        return norm, truncated_hidden
+
+    def _grad_norm(self) -> float:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+    def _clip(self) -> None:
+        """Fixed and adaptive gradient norm clipping, each only when asked for."""
         params = list(self.model.parameters())
         if self.cfg.clip is not None:
-            norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.clip))
-        else:  # the norm alone: no scaling pass over the gradients on the default path
-            grads = [p.grad for p in params if p.grad is not None]
-            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.clip)
         if self.clipper is not None:
             self.clipper(params)
-        return norm
 
     def _diverged(self, what: str, step: int | None = None) -> "TrainingDiverged":
         """The error for a non-finite loss at the coming step, or a non-finite state after ``step``."""
@@ -303,6 +353,7 @@ class Trainer:
                   "valid_loss": valid["loss"], "valid_ppl": valid["perplexity"],
                   "valid_ppl_mean_batch_exp": valid["perplexity_mean_batch_exp"],
                   "lr": self.optimizer.param_groups[0]["lr"], "grad_norm_max": s.get("grad_norm_max"),
+                  "retries": s.get("retries", 0),
                   "time_s": s["seconds"],
                   "tokens_per_s": s["tokens"] / s["seconds"] if s["seconds"] else None}
         self.history.append(record)
