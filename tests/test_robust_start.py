@@ -71,6 +71,48 @@ def test_adaptive_clip_keeps_non_finite_norms_out_of_the_median():
     assert list(clip.norms) == [1.0, 3.0]
 
 
+def test_retry_guard_watches_long_segments_during_the_warmup_only():
+    guard = robust_start.RetryGuard(k=10.0, steps=5, length=32, window=3)
+    assert guard.watching(0, 33) and not guard.watching(0, 32) and not guard.watching(5, 128)
+    assert guard.recording(4) and not guard.recording(5)
+    assert guard.median() is None  # no yardstick yet: the trainer measures the truncated gradient
+    for norm in (1.0, 3.0, float("nan"), 2.0, 100.0):
+        guard.add(norm)
+    assert list(guard.norms) == [3.0, 2.0, 100.0] and guard.median() == 3.0  # the last 3 finite ones
+    assert guard.exceeds(30.5, 3.0) and not guard.exceeds(30.0, 3.0)
+    assert guard.exceeds(float("nan"), 3.0) and guard.exceeds(float("inf"), 3.0)
+
+
+def _run_steps(cfg, steps):
+    trainer = Trainer(replace(cfg, max_steps=steps), progress=False)
+    summary = trainer.run()
+    return trainer.model.state_dict(), summary
+
+
+def test_retry_that_never_fires_is_the_run_as_written_bit_for_bit(corpus_dir, tmp_path):
+    """Every watched step with no yardstick yet is computed twice (full, then truncated) and the full one kept:
+    the state it restores must be exactly the state as written."""
+    written, _ = _run_steps(small(corpus_dir, tmp_path / "w", warmup="none"), 30)
+    retry, summary = _run_steps(small(corpus_dir, tmp_path / "r", warmup="retry", retry_factor=1e9), 30)
+    assert summary["history"][-1]["retries"] == 0
+    for k in written:
+        assert torch.equal(written[k], retry[k]), k
+
+
+def test_a_retried_step_is_the_step_with_a_truncated_backward(corpus_dir, tmp_path):
+    """At step 0 (no yardstick), a factor just above 1 retries: the update must equal the truncation warm-up's
+    first step (backward cut at warmup_from) and the statistics must equal the run as written (same forward)."""
+    retry, summary = _run_steps(small(corpus_dir, tmp_path / "r", warmup="retry", retry_factor=1.0001), 1)
+    assert summary["history"][-1]["retries"] == 1
+    truncated, _ = _run_steps(small(corpus_dir, tmp_path / "t", warmup="truncate"), 1)  # K(0) = warmup_from
+    written, _ = _run_steps(small(corpus_dir, tmp_path / "w", warmup="none"), 1)
+    assert any(not torch.equal(written[k], truncated[k]) for k in written if "weight" in k)
+    for k in retry:
+        assert torch.equal(retry[k], truncated[k]), k
+        if not k.endswith("weight") and not k.endswith("bias"):  # a buffer: the normalization statistics
+            assert torch.equal(retry[k], written[k]), k
+
+
 @pytest.mark.parametrize("cell,norm", [("lstm-cudnn", "none"), ("lstm", "online"), ("rnn", "layer")])
 def test_truncated_backward_keeps_the_forward_and_cuts_the_gradient(cell, norm):
     torch.manual_seed(0)
@@ -111,9 +153,10 @@ def small(corpus_dir, out, **kw):
     return TrainConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("warmup,adaptive", [("truncate", 2.0), ("bptt", None), ("lr", 2.0)])
+@pytest.mark.parametrize("warmup,adaptive", [("truncate", 2.0), ("bptt", None), ("lr", 2.0), ("retry", None)])
 def test_resume_mid_warmup_is_exact(corpus_dir, tmp_path, warmup, adaptive):
-    cfg = small(corpus_dir, tmp_path / "full", warmup=warmup, adaptive_clip=adaptive, clip_window=8)
+    cfg = small(corpus_dir, tmp_path / "full", warmup=warmup, adaptive_clip=adaptive, clip_window=8,
+                retry_factor=1.2)
     full = train(cfg, progress=False)
     assert full["steps"] > 40  # the warm-up ends inside the run
     cut = replace(cfg, out=str(tmp_path / "cut"))
@@ -130,6 +173,10 @@ def test_resume_mid_warmup_is_exact(corpus_dir, tmp_path, warmup, adaptive):
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert a["train"]["clip"] == b["train"]["clip"]
+    assert (a["train"]["retry"] is not None) == (warmup == "retry")
+    assert a["train"]["retry"] == b["train"]["retry"]
+    if warmup == "retry":
+        assert len(a["train"]["retry"]["norms"]) == 8 and sum(r["retries"] for r in full["history"]) > 0
 
 
 def test_the_warmups_change_what_they_say(corpus_dir, tmp_path):
@@ -162,6 +209,8 @@ def test_as_written_flag_and_its_conflicts(capsys):
         TrainConfig(warmup="slow")
     with pytest.raises(ValueError, match="adaptive_clip must be positive"):
         TrainConfig(adaptive_clip=0)
+    with pytest.raises(ValueError, match="retry_factor must be above 1"):
+        TrainConfig(retry_factor=1.0)
 
 
 def test_a_long_first_segment_trains_with_the_default_and_blows_up_as_written(tmp_path, capsys):
