@@ -5,7 +5,10 @@
   step kernels (one launch per time step); CUDA tensors, or CPU tensors under
   Triton's interpreter (``TRITON_INTERPRET=1`` set before the kernels are imported).
 - ``"cpu"``: the same op on the C twin of those kernels (``kernels/cpu_step.c``,
-  built with the system C compiler at first use); float32 CPU tensors.
+  built with the system C compiler at first use); float32 CPU tensors.  The
+  time loop of a layer direction runs in C too (``kernels/cpu_sequence.c``,
+  one call per pass) with the BLAS that torch itself exports; where there is
+  none, in Python over the per-step kernels.  ``cpu_loop()`` says which.
 - ``"auto"`` (default): the value of ``$SEQNORM_BACKEND`` if set, else
   ``"triton"`` for float32/bfloat16/float16 CUDA tensors when Triton is
   installed, ``"cpu"`` for float32 CPU tensors when a C compiler is there, and
@@ -37,6 +40,15 @@ def cpu_kernels_available() -> bool:
     from .kernels import cpu_step
 
     return cpu_step.available()
+
+
+def cpu_loop() -> str:
+    """How ``backend="cpu"`` runs a layer's time loop here: "native" (one C call per layer direction and pass,
+    the per-step products through MKL's sgemm from torch's libtorch_cpu; the BLAS uses torch's intra-op threads)
+    or "per-step" (a Python loop over the step kernels and torch matmuls: no BLAS symbol found)."""
+    from .kernels import cpu_step
+
+    return "native" if cpu_step.native_loop() else "per-step"
 
 
 def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:

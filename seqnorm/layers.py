@@ -37,6 +37,11 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """One reduction pass (a sum is finite when every element is, unless it overflows: then the full test)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def _recurrence(backend, spec_text, state, xproj, h0, c0, w_hh, gamma, beta, w_hr):
     """One direction of one layer: the torch path's autograd Function when eager, else the custom op."""
     if backend == "torch" and not _tracing():
@@ -282,7 +287,7 @@ class _RecurrentLayers(nn.Module):
     def _warn_if_skipped(self, out, k):
         """Once per layer module, in training on CPU (a free check there): non-finite samples were skipped."""
         if (self.training and self.norm_type == "online" and out.device.type == "cpu" and not _tracing()
-                and not getattr(self, "_warned_nonfinite", False) and not bool(torch.isfinite(out).all())):
+                and not getattr(self, "_warned_nonfinite", False) and not _all_finite(out)):
             self._warned_nonfinite = True
             warnings.warn(f"{type(self).__name__} layer {k}: non-finite values in the input or state; their "
                           "samples' outputs are non-finite and their updates of the Online Normalization statistics "

@@ -155,6 +155,7 @@ def _(d_h_all, d_c_last, xproj, h0, c0, w_hh, gamma, beta, w_hr, outputs, u, v, 
 def _setup_context(ctx, inputs, output):
     xproj, h0, c0, w_hh, gamma, beta, w_hr, mu, var, u, v, spec, backend = inputs
     ctx.spec, ctx.backend = spec, backend
+    ctx.set_materialize_grads(False)  # the saved outputs get no gradient: no zero-filled (T, B, 4H) buffers
     ctx.state = (u, v) if u is not None else None  # not saved tensors: the backward of a later call changes them
     ctx.dtypes = [None if t is None else t.dtype for t in (xproj, h0, c0, w_hh, gamma, beta, w_hr)]
     kept = xproj if backend == "torch" else xproj.new_empty(0)  # the fused backward needs only its dtype

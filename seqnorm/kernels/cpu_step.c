@@ -15,15 +15,10 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "cpu_step.h"
+
 enum { NORM_NONE = 0, NORM_ONLINE = 1, NORM_LAYER = 2 };
 enum { ECM_NONE = 0, ECM_LS = 1, ECM_AC = 2 };
-
-typedef struct {
-    int64_t B, H;
-    int32_t norm, ecm, affine, training, relu;
-    float alpha, eps, ls_eps, clamp_value, beta_b; /* beta_b = 1 - alpha_bkw */
-    float v_decay_min;                             /* floor on v's decay; -FLT_MAX for none */
-} Params;
 
 /* Finite test on the exponent bits: the code is built with -ffast-math, under which isfinite() may be
  * assumed true, and an integer test keeps the other loops' fast-math vectorization. */

@@ -1,10 +1,20 @@
-"""Build, load and launch ``cpu_step.c``: the fused per-step kernels on the CPU (float32).
+"""Build, load and launch the C kernels on the CPU (float32): ``cpu_step.c`` (one fused time step) and
+``cpu_sequence.c`` (the whole time loop of a layer direction, one call per pass).
 
-The C file has no dependency beyond libm.  It is compiled with the system C
-compiler (``$CC``, default ``cc``) at first use into a per-process temporary
+The C files have no dependency beyond libm.  They are compiled with the system
+C compiler (``$CC``, default ``cc``) at first use into a per-process temporary
 folder, removed once the library is loaded (a fraction of a second;
-``-march=native`` is right because it runs where it is built) and called through ctypes with the tensors' data pointers.
+``-march=native`` is right because it runs where it is built) and called
+through ctypes with the tensors' data pointers.
+
+The time loop needs a BLAS for its per-step products: MKL's ``sgemm_`` (and
+its packed-GEMM entry points, where present) as exported by torch's own
+``libtorch_cpu``, found at run time (``blas_symbols``), so there is no new
+dependency.  Where torch has no such symbol (another platform or BLAS), the
+loop runs in Python over the per-step kernels instead (``recurrence.py``);
+``seqnorm.backend.cpu_loop()`` says which.
 """
+import contextlib
 import ctypes
 import functools
 import os
@@ -17,8 +27,9 @@ import torch
 
 from .constants import ECM_CODES, NORM_CODES, decay_floor
 
-SOURCE = Path(__file__).with_name("cpu_step.c")
-CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-shared")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "cpu_step.c", HERE / "cpu_sequence.c")
+CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", f"-I{HERE}")
 
 
 class Params(ctypes.Structure):
@@ -30,8 +41,56 @@ class Params(ctypes.Structure):
                 ("clamp_value", ctypes.c_float), ("beta_b", ctypes.c_float), ("v_decay_min", ctypes.c_float)]
 
 
+class Strides(ctypes.Structure):
+    """Mirror of cpu_sequence.c's ``Strides``: elements per time step (0: an unused placeholder)."""
+
+    _fields_ = [(name, ctypes.c_int64) for name in ("c", "y", "s", "iz", "da")]
+
+
 class BuildError(RuntimeError):
     pass
+
+
+_per_step = {"forced": False}
+
+
+@contextlib.contextmanager
+def per_step_loop():
+    """Inside: the time loop runs in Python over the per-step kernels even where the BLAS is found (the
+    fallback, for tests and benchmarks)."""
+    saved, _per_step["forced"] = _per_step["forced"], True
+    try:
+        yield
+    finally:
+        _per_step["forced"] = saved
+
+
+def native_loop() -> bool:
+    """Whether a layer's time loop runs in C (``cpu_sequence.c``): torch exports a BLAS and no override."""
+    return not _per_step["forced"] and blas_symbols() is not None
+
+
+@functools.cache
+def blas_symbols() -> tuple | None:
+    """Addresses of (sgemm_, cblas_sgemm_pack_get_size, cblas_sgemm_pack, cblas_sgemm_compute) in torch's
+    libtorch_cpu (the packed three None where absent), or None when it has no sgemm_."""
+    lib_dir = Path(torch.__file__).with_name("lib")
+    for path in sorted(lib_dir.glob("libtorch_cpu.*")):
+        try:
+            lib = ctypes.CDLL(str(path))  # already loaded by torch: the same handle
+        except OSError:
+            continue
+        address = lambda name: ctypes.cast(getattr(lib, name), ctypes.c_void_p).value  # noqa: E731
+        try:
+            sgemm = address("sgemm_")
+        except AttributeError:
+            return None
+        try:
+            packed = tuple(address(n) for n in ("cblas_sgemm_pack_get_size", "cblas_sgemm_pack", "cblas_sgemm_compute"))
+        except AttributeError:
+            packed = (None, None, None)
+        return (sgemm, *packed)
+    return None
 
 
 @functools.cache
@@ -41,15 +100,21 @@ def library() -> ctypes.CDLL:
     folder = tempfile.mkdtemp(prefix="seqnorm-cpu-step-")
     target = os.path.join(folder, "cpu_step.so")
     try:
-        subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", target, "-lm"], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *CFLAGS, *map(str, SOURCES), "-o", target, "-lm"], check=True, capture_output=True,
+                       text=True)
         lib = ctypes.CDLL(target)
     except (OSError, subprocess.CalledProcessError) as err:
         detail = getattr(err, "stderr", None) or err
-        raise BuildError(f"backend='cpu' needs a C compiler ({compiler!r}, set $CC) to build {SOURCE.name}: {detail}")
+        raise BuildError(f"backend='cpu' needs a C compiler ({compiler!r}, set $CC) to build "
+                         f"{', '.join(p.name for p in SOURCES)}: {detail}")
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # a loaded library stays mapped; nothing is left in /tmp
     for name in ("lstm_forward_step", "rnn_forward_step", "lstm_backward_step", "rnn_backward_step"):
         getattr(lib, name).restype = None
+    lib.set_sgemm.restype = None
+    symbols = blas_symbols()
+    if symbols is not None:
+        lib.set_sgemm(*(ctypes.c_void_p(a) for a in symbols))
     return lib
 
 
@@ -80,6 +145,8 @@ class CPUStep:
         self._forward = lib.lstm_forward_step if spec.cell == "lstm" else lib.rnn_forward_step
         self._backward = lib.lstm_backward_step if spec.cell == "lstm" else lib.rnn_backward_step
         self.zero_rows = torch.zeros(batch, spec.hidden_size)  # stands for a missing d_out
+        self.lstm = spec.cell == "lstm"
+        self.native = native_loop()  # the whole time loop in one C call (sequence_*)
 
     def forward(self, *tensors):
         """(pre, c_prev, c_next, h_next, act, y, s, iz, gamma, beta, mu, var)"""
@@ -88,6 +155,46 @@ class CPUStep:
     def backward(self, dh, d_out, *tensors):
         """(dh, d_out or None, dc, act, c_prev, c_next, y, s, iz, gamma, beta, da, dx, u, v)"""
         self._backward(self.params, *map(_ptr, (dh, self.zero_rows if d_out is None else d_out, *tensors)))
+
+    def forward_sequence(self, xproj, h_all, m_all, c_all, act, y, s, iz, gamma, beta, mu, var, w_hh, w_hr):
+        """All T steps of ``recurrence.fused_forward`` in one call; every tensor contiguous float32."""
+        T, P = xproj.shape[0], h_all.shape[-1]
+        pre = torch.empty_like(xproj[0])
+        strides = Strides(_stride(c_all), _stride(y), _stride(s), _stride(iz), 0)
+        status = library().sequence_forward(
+            self.params, self.lstm, ctypes.c_int64(T), ctypes.c_int64(P), ctypes.byref(strides),
+            *map(_ptr, (xproj, h_all, m_all, c_all, act, y, s, iz, gamma, beta, mu, var, w_hh)), _ptr_or_null(w_hr),
+            _ptr(pre))
+        _check_status(status)
+
+    def backward_sequence(self, dh, d_out, dc, act, c_all, y, s, iz, gamma, beta, da, d_pre, u, v, w_hh, w_hr,
+                          dh_all, dm, d_gamma=None, d_beta=None):
+        """All T steps of ``recurrence.fused_backward`` (t = T-1..0) in one call; ``dh``, ``dc`` updated to
+        dL/d(h0, c0) in place.  With ``d_gamma``, ``d_beta`` (float64, 4H zeros) the affine's gradients are summed
+        into them and ``da`` is one step's scratch."""
+        T, P = act.shape[0], dh.shape[-1]
+        da_stride = 0 if d_gamma is not None else _stride(da)  # summed per step: one step's scratch
+        strides = Strides(_stride(c_all), _stride(y), _stride(s), _stride(iz), da_stride)
+        status = library().sequence_backward(
+            self.params, self.lstm, ctypes.c_int64(T), ctypes.c_int64(P), ctypes.byref(strides), _ptr(dh),
+            _ptr_or_null(d_out), *map(_ptr, (dc, act, c_all, y, s, iz, gamma, beta, da, d_pre, u, v, w_hh)),
+            _ptr_or_null(w_hr), _ptr_or_null(dh_all), _ptr_or_null(dm), _ptr(self.zero_rows), _ptr_or_null(d_gamma),
+            _ptr_or_null(d_beta))
+        _check_status(status)
+
+
+def _stride(buffer) -> int:
+    """Elements per time step of a (T, ...) buffer; 0 for a one-element placeholder."""
+    return buffer[0].numel() if buffer.dim() > 1 else 0
+
+
+def _ptr_or_null(tensor):
+    return ctypes.c_void_p(None) if tensor is None else _ptr(tensor)
+
+
+def _check_status(status: int) -> None:
+    if status != 0:
+        raise RuntimeError("seqnorm's native CPU recurrence was called without a BLAS (sgemm_ not set)")
 
 
 def check_float32(dtype: torch.dtype) -> None:

@@ -56,6 +56,10 @@ def fused_forward(spec, xproj, h0, c0, w_hh, gamma, beta, w_hr, mu, var, make_st
     iz = torch.empty(T, B, spec.gates, **f32) if spec.norm == "online" and c.ecm == "ls" else unused()
     g, b = (gamma.float().contiguous(), beta.float().contiguous()) if gamma is not None else (none, none)
     mu, var = (mu, var) if spec.norm == "online" else (none, none)
+    if getattr(kernel, "native", False):  # the C time loop (cpu_sequence.c): one call for all T steps
+        kernel.forward_sequence(xproj.contiguous(), h_all, m_all, c_all, act, y_all, s_all, iz, g, b, mu, var,
+                                w.contiguous(), None if wr is None else wr.contiguous())
+        return h_all, m_all, c_all, act, y_all, s_all, iz
     steps = lambda buf: _steps(buf, T + 1)  # noqa: E731
     h_s, m_s, c_s, act_s, y_s, s_s, iz_s = map(steps, (h_all, m_all, c_all, act, y_all, s_all, iz))
     pre, w_t = xproj.new_empty(B, GH), w.t()
@@ -88,14 +92,37 @@ def fused_backward(spec, saved, d_out, d_hn, d_cn, w_hh, gamma, beta, w_hr, u, v
     if lstm:
         dc = torch.zeros(B, H, dtype=torch.float32, device=device) if d_cn is None else d_cn.float().contiguous().clone()
     d_pre = torch.empty(T, B, GH, dtype=dtype, device=device)
-    da = torch.empty(T, B, GH, dtype=torch.float32, device=device) if affine else none
     u, v = (u, v) if spec.norm == "online" and u is not None else (none, none)  # None: eval, no control
-    steps = lambda buf: _steps(buf, T + 1)  # noqa: E731
-    c_s, act_s, y_s, s_s, iz_s, da_s, dx_s = map(steps, (c_all, act, y_all, s_all, iz, da, d_pre))
-    d_out_s = (None,) * T if d_out is None else steps(d_out.to(dtype).contiguous())
+    d_out = None if d_out is None else d_out.to(dtype).contiguous()
     dh_all = None if wr is None else torch.empty(T, B, P, dtype=dtype, device=device)
     dm = None if wr is None else torch.empty(B, H, dtype=dtype, device=device)
+    d_gamma = d_beta = None
+    if getattr(kernel, "native", False):  # the C time loop (cpu_sequence.c): one call, the affine's sums inside
+        da = torch.empty(B, GH, dtype=torch.float32, device=device) if affine else none
+        sums = torch.zeros(2, GH, dtype=torch.float64, device=device) if affine else (None, None)
+        kernel.backward_sequence(dh, d_out, dc, act, c_all, y_all, s_all, iz, g, b, da, d_pre, u, v, w.contiguous(),
+                                 None if wr is None else wr.contiguous(), dh_all, dm, *sums)
+        if affine:
+            d_gamma, d_beta = sums[0].float(), sums[1].float()
+    else:
+        da = torch.empty(T, B, GH, dtype=torch.float32, device=device) if affine else none
+        _backward_loop(kernel, d_out, dh, dc, saved, g, b, da, d_pre, u, v, w, wr, dh_all, dm)
+        if affine:
+            d_gamma, d_beta = (da * y_all).sum((0, 1)), da.sum((0, 1))
     with torch.autocast(device.type, enabled=False):
+        d_w = torch.mm(d_pre.view(T * B, GH).t(), h_all[:-1].reshape(T * B, P))
+        d_w_hr = None if wr is None else torch.mm(dh_all.view(T * B, P).t(), m_all.reshape(T * B, H))
+    return d_pre, dh, dc if lstm else None, d_w, d_gamma, d_beta, d_w_hr
+
+
+def _backward_loop(kernel, d_out, dh, dc, saved, g, b, da, d_pre, u, v, w, wr, dh_all, dm):
+    """The time loop of ``fused_backward`` in Python: one kernel call and one matmul per step."""
+    _, _, c_all, act, y_all, s_all, iz = saved
+    T = act.shape[0]
+    steps = lambda buf: _steps(buf, T + 1)  # noqa: E731
+    c_s, act_s, y_s, s_s, iz_s, da_s, dx_s = map(steps, (c_all, act, y_all, s_all, iz, da, d_pre))
+    d_out_s = (None,) * T if d_out is None else steps(d_out)
+    with torch.autocast(act.device.type, enabled=False):
         for t in range(T - 1, -1, -1):
             d_kernel, d_out_t = dh, d_out_s[t]
             if wr is not None:  # h = m W_hr^T: the kernel gets dm = (dh + d_out) W_hr as its dh
@@ -107,9 +134,3 @@ def fused_backward(spec, saved, d_out, d_hn, d_cn, w_hh, gamma, beta, w_hr, u, v
             kernel.backward(d_kernel, d_out_t, dc, act_s[t], c_s[t], c_s[t + 1], y_s[t], s_s[t], iz_s[t], g, b,
                             da_s[t], dx_s[t], u, v)
             torch.mm(dx_s[t], w, out=dh)
-        d_w = torch.mm(d_pre.view(T * B, GH).t(), h_all[:-1].reshape(T * B, P))
-        d_w_hr = None if wr is None else torch.mm(dh_all.view(T * B, P).t(), m_all.reshape(T * B, H))
-    d_gamma = d_beta = None
-    if affine:
-        d_gamma, d_beta = (da * y_all).sum((0, 1)), da.sum((0, 1))
-    return d_pre, dh, dc if lstm else None, d_w, d_gamma, d_beta, d_w_hr
