@@ -1,17 +1,21 @@
-"""Forward+backward time of seqnorm layers against torch.nn and a naive implementation.
+"""Forward+backward and forward-only time of seqnorm layers against torch.nn and a naive implementation.
 
 All candidates are measured in one process, on the same inputs, and reported as
 ratios to torch.nn.LSTM / torch.nn.RNN (oneDNN on CPU, cuDNN on a GPU) and to
 the naive per-step, per-row path (one OnlineNorm(impl="loop") per gate,
 per-step autograd).  The seqnorm layers run their default backend (the C
-kernels on CPU, Triton on CUDA); our plain-PyTorch reference path ("torch
-path") is measured beside them, and on CUDA the Triton path replayed from a
-CUDA graph ("graphed").  Writes JSON.
+kernels with the native time loop on CPU, Triton on CUDA); our plain-PyTorch
+reference path ("torch path") and, on CPU, the C kernels with the time loop in
+Python ("per-step loop", the fallback) are measured beside them, and on CUDA
+the Triton path replayed from a CUDA graph ("graphed").  Forward-only is the
+layer in eval mode under torch.no_grad() (inference), also as tokens/s.
+Writes JSON.
 
     python benchmarks/bench_layers.py --configs ptb35 ptb128 large --out benchmarks/results/cpu.json
     python benchmarks/bench_layers.py --device cuda --configs ptb35 ptb128 large b1 --out benchmarks/results/cuda.json
 """
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -21,6 +25,7 @@ import torch
 from torch import nn
 
 import seqnorm
+from seqnorm.kernels import cpu_step
 
 CONFIGS = {"ptb35": (35, 20, 200), "ptb128": (128, 20, 200), "large": (100, 64, 512), "b1": (35, 1, 200)}
 
@@ -68,7 +73,7 @@ class NaiveOnlineRNN(NaiveOnlineLSTM):
 
 
 def candidates(H, kind, cuda):
-    """label -> (constructor, whether to replay it from a CUDA graph)."""
+    """label -> (constructor, whether to replay it from a CUDA graph[, the context every step runs in])."""
     layer, name = (seqnorm.LSTM, "LSTM") if kind == "lstm" else (seqnorm.RNN, "RNN")
     cfg = seqnorm.OnlineNormConfig() if kind == "lstm" else seqnorm.layers.PAPER_RNN_CONFIG
     naive = NaiveOnlineLSTM if kind == "lstm" else NaiveOnlineRNN
@@ -81,18 +86,23 @@ def candidates(H, kind, cuda):
     }
     out[f"seqnorm.{name}(online) torch path"] = (lambda: layer(H, H, norm="online", backend="torch"), False)
     out[f"seqnorm.{name}(layer) torch path"] = (lambda: layer(H, H, norm="layer", backend="torch"), False)
+    if not cuda and cpu_step.native_loop():
+        for norm in ("online", None):
+            label = f"seqnorm.{name}({norm or 'none'}) per-step loop"
+            out[label] = (lambda norm=norm: layer(H, H, norm=norm), False, cpu_step.per_step_loop)
     if cuda:
         out[f"seqnorm.{name}(online) graphed"] = (lambda: layer(H, H, norm="online"), True)
         out[f"torch.nn.{name} graphed"] = (lambda: getattr(nn, name)(H, H), True)
     return out
 
 
-def fwd_bwd_step(model, x, graphed):
+def fwd_bwd_step(model, x, graphed, context=contextlib.nullcontext):
     """One forward+backward as a callable; with ``graphed`` captured once and replayed."""
 
     def step():
-        model.zero_grad(set_to_none=True)
-        model(x)[0].float().sum().backward()
+        with context():
+            model.zero_grad(set_to_none=True)
+            model(x)[0].float().sum().backward()
 
     if not graphed:
         return step
@@ -107,6 +117,16 @@ def fwd_bwd_step(model, x, graphed):
     with torch.cuda.graph(graph):
         model(x)[0].float().sum().backward()
     return graph.replay
+
+
+def forward_step(model, x, context):
+    """One inference forward (eval mode, no autograd) as a callable."""
+
+    def step():
+        with context(), torch.no_grad():
+            model(x)
+
+    return step
 
 
 def time_fwd_bwd(step, min_reps, max_seconds, device):
@@ -134,11 +154,16 @@ def run(configs, kinds, min_reps, max_seconds, device, dtype):
             torch.manual_seed(0)
             x = torch.randn(T, B, H, device=device, dtype=dtype, requires_grad=True)
             row = {"config": name, "T": T, "B": B, "H": H, "cell": kind, "dtype": str(dtype), "seconds": {}, "reps": {},
-                   "errors": {}}
-            for label, (make, graphed) in candidates(H, kind, device.type == "cuda").items():
+                   "forward_seconds": {}, "errors": {}}
+            for label, (make, graphed, *context) in candidates(H, kind, device.type == "cuda").items():
+                context = context[0] if context else contextlib.nullcontext
                 try:
-                    step = fwd_bwd_step(make().to(device, dtype), x, graphed)
+                    model = make().to(device, dtype)
+                    step = fwd_bwd_step(model, x, graphed, context)
                     row["seconds"][label], row["reps"][label] = time_fwd_bwd(step, min_reps, max_seconds, device)
+                    if not graphed:
+                        row["forward_seconds"][label] = time_fwd_bwd(forward_step(model.eval(), x, context),
+                                                                     min_reps, max_seconds, device)[0]
                 except RuntimeError as err:  # e.g. a capture that fails: record it, measure the rest
                     row["errors"][label] = f"{type(err).__name__}: {err}"
             add_ratios(row, kind.upper())
@@ -152,6 +177,11 @@ def add_ratios(row, name):
     online = f"seqnorm.{name}(online)"
     ratio = lambda a, b: sec[a] / sec[b] if a in sec and b in sec else None  # noqa: E731
     row["ratio_vs_torch"] = {k: ratio(k, f"torch.nn.{name}") for k in sec}
+    fwd, base = row["forward_seconds"], f"torch.nn.{name}"
+    row["forward_ratio_vs_torch"] = {k: fwd[k] / fwd[base] if base in fwd else None for k in fwd}
+    row["forward_tokens_per_s"] = {k: row["T"] * row["B"] / t for k, t in fwd.items()}
+    row["online_over_none"] = ratio(online, f"seqnorm.{name}(none)")
+    row["speedup_vs_per_step_loop"] = ratio(f"{online} per-step loop", online)
     row["speedup_vs_naive"] = ratio(f"naive online {name}", online)
     row["online_over_layer"] = ratio(online, f"seqnorm.{name}(layer)")
     row["speedup_vs_torch_path"] = ratio(f"{online} torch path", online)
@@ -163,16 +193,29 @@ def print_row(row):
     print(f"\n{row['config']} {row['cell']}  T={row['T']} B={row['B']} H={row['H']} {row['dtype']}  "
           "(forward+backward, median)")
     fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+    print(f"  {'':36s} {'fwd+bwd':>10s}      {'ratio':>6s}            {'forward (eval)':>14s}  {'ratio':>6s}  tokens/s")
     for label, sec in row["seconds"].items():
-        print(f"  {label:36s} {sec * 1e3:10.3f} ms   {fmt(row['ratio_vs_torch'][label], '6.2f')}x {base}   "
-              f"({row['reps'][label]} reps)")
+        fwd = row["forward_seconds"].get(label)
+        fwd_text = "" if fwd is None else (f"{fwd * 1e3:10.3f} ms  {fmt(row['forward_ratio_vs_torch'][label], '6.2f')}x"
+                                           f"  {row['forward_tokens_per_s'][label]:9.0f}")
+        print(f"  {label:36s} {sec * 1e3:10.3f} ms   {fmt(row['ratio_vs_torch'][label], '6.2f')}x {base}   {fwd_text}"
+              f"   ({row['reps'][label]} reps)")
     for label, err in row["errors"].items():
         print(f"  {label:36s} failed: {err}")
     print(f"  online vs naive: {fmt(row['speedup_vs_naive'], '.1f')}x faster; "
-          f"online / layer: {fmt(row['online_over_layer'], '.2f')}; "
+          f"online / layer: {fmt(row['online_over_layer'], '.2f')}; online / none: {fmt(row['online_over_none'], '.2f')}; "
+          f"native vs per-step loop: {fmt(row['speedup_vs_per_step_loop'], '.2f')}x faster; "
           f"online vs online torch path: {fmt(row['speedup_vs_torch_path'], '.1f')}x faster")
     if row["graphed_online_vs_graphed_torch"] is not None:
         print(f"  graphed online / graphed {base}: {fmt(row['graphed_online_vs_graphed_torch'], '.2f')}")
+
+
+def cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return None
 
 
 def main(argv=None):
@@ -189,7 +232,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    meta = {"torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+    meta = {"torch": torch.__version__, "machine": platform.processor() or platform.machine(), "cpu": cpu_model(),
+            "cpu_loop": seqnorm.backend.cpu_loop() if device.type == "cpu" else None,
             "threads": torch.get_num_threads(), "device": str(device),
             "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}
     print(meta)

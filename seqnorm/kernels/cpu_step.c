@@ -3,13 +3,15 @@
  * see step.py's docstring for the math and DESIGN §2 for the equations).
  * float32 only.  Built at first use by cpu_step.py and called through ctypes.
  *
- * Rows are processed in order 0..B-1, every feature of a row before the next
- * row; the Online Normalization state (mu, var forward; u, v backward) is
- * updated in place; an update whose result is not finite leaves that
- * feature's state as it was (mu, var together; u, v together).  Each row is
- * done in a few passes over its features so that the compiler vectorizes the
- * loops.  d_out (dL/d output of the step) is
- * never NULL: a zero row stands for a missing one.
+ * Within each gate, rows are processed in order 0..B-1, every feature of a
+ * row before the next row; the Online Normalization state (mu, var forward;
+ * u, v backward) is updated in place; an update whose result is not finite
+ * leaves that feature's state as it was (mu, var together; u, v together).
+ * The LSTM's four gates have separate states, so with OpenMP (torch's
+ * intra-op threads) they run on separate threads, and the cell's rows are
+ * split over them: the same numbers as one thread.  Each row is done in a few
+ * passes over its features so that the compiler vectorizes the loops.  d_out
+ * (dL/d output of the step) is never NULL: a zero row stands for a missing one.
  */
 #include <math.h>
 #include <stdint.h>
@@ -27,6 +29,21 @@ static inline int finitef_(float x) {
     memcpy(&u, &x, sizeof u);
     return (u & 0x7f800000u) != 0x7f800000u;
 }
+
+/* Threads for a step of `work` elements: torch's intra-op threads (OpenMP is shared with torch's libgomp) when
+ * the step is large enough to pay for a parallel region; 1 when built without OpenMP. */
+#ifdef _OPENMP
+#include <omp.h>
+static inline int threads_for(int64_t work) {
+    int n = omp_get_max_threads();
+    return work >= 8192 && n > 1 ? (n < 4 ? n : 4) : 1;
+}
+#else
+static inline int threads_for(int64_t work) {
+    (void)work;
+    return 1;
+}
+#endif
 
 static inline float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
 
@@ -170,13 +187,16 @@ static void lstm_cell_backward(int64_t H, const float *restrict i, const float *
 void lstm_forward_step(const Params *p, const float *pre, const float *c_prev, float *c_next, float *h_next,
                        float *act, float *y, float *s, float *iz, const float *gamma, const float *beta, float *mu,
                        float *var) {
-    const int64_t H = p->H, GH = 4 * H;
-    for (int64_t b = 0; b < p->B; b++) {
-        const int64_t row = b * GH;
-        for (int k = 0; k < 4; k++) /* z of gate k into act, made the activation below */
-            gate_forward(p, pre + row + k * H, mu + k * H, var + k * H, gamma + k * H, beta + k * H,
-                         y + row + k * H, s + row + k * H, iz + b * 4 + k, act + row + k * H);
-        float *i = act + row;
+    const int64_t H = p->H, GH = 4 * H, B = p->B;
+    /* the four gates are independent: one thread each, rows in order within a gate (the state's order) */
+#pragma omp parallel for schedule(static) num_threads(threads_for(B * GH)) if (threads_for(B * GH) > 1)
+    for (int k = 0; k < 4; k++)
+        for (int64_t b = 0; b < B; b++) /* z of gate k into act, made the activation below */
+            gate_forward(p, pre + b * GH + k * H, mu + k * H, var + k * H, gamma + k * H, beta + k * H,
+                         y + b * GH + k * H, s + b * GH + k * H, iz + b * 4 + k, act + b * GH + k * H);
+#pragma omp parallel for schedule(static) num_threads(threads_for(B * GH)) if (threads_for(B * GH) > 1)
+    for (int64_t b = 0; b < B; b++) {
+        float *i = act + b * GH;
         lstm_cell_forward(H, i, i + H, i + 2 * H, i + 3 * H, c_prev + b * H, c_next + b * H, h_next + b * H);
     }
 }
@@ -184,17 +204,21 @@ void lstm_forward_step(const Params *p, const float *pre, const float *c_prev, f
 void lstm_backward_step(const Params *p, const float *dh, const float *d_out, float *dc, const float *act,
                         const float *c_prev, const float *c_next, const float *y, const float *s, const float *iz,
                         const float *gamma, const float *beta, float *da, float *dx, float *u, float *v) {
-    const int64_t H = p->H, GH = 4 * H;
-    for (int64_t b = 0; b < p->B; b++) {
+    const int64_t H = p->H, GH = 4 * H, B = p->B;
+#pragma omp parallel for schedule(static) num_threads(threads_for(B * GH)) if (threads_for(B * GH) > 1)
+    for (int64_t b = 0; b < B; b++) {
         const int64_t row = b * GH, hrow = b * H;
         const float *i = act + row;
         float *dz = dx + row;
         lstm_cell_backward(H, i, i + H, i + 2 * H, i + 3 * H, c_prev + hrow, c_next + hrow, dh + hrow, d_out + hrow,
                            dc + hrow, dz, dz + H, dz + 2 * H, dz + 3 * H);
-        for (int k = 0; k < 4; k++)
-            gate_backward(p, dx + row + k * H, y + row + k * H, s + row + k * H, iz + b * 4 + k, gamma + k * H,
-                          beta + k * H, da + row + k * H, u + k * H, v + k * H);
     }
+    /* then each gate's normalization backward, one thread per gate, rows in order (the control state's order) */
+#pragma omp parallel for schedule(static) num_threads(threads_for(B * GH)) if (threads_for(B * GH) > 1)
+    for (int k = 0; k < 4; k++)
+        for (int64_t b = 0; b < B; b++)
+            gate_backward(p, dx + b * GH + k * H, y + b * GH + k * H, s + b * GH + k * H, iz + b * 4 + k,
+                          gamma + k * H, beta + k * H, da + b * GH + k * H, u + k * H, v + k * H);
 }
 
 void rnn_forward_step(const Params *p, const float *pre, const float *c_prev, float *c_next, float *h_next,

@@ -100,8 +100,7 @@ def library() -> ctypes.CDLL:
     folder = tempfile.mkdtemp(prefix="seqnorm-cpu-step-")
     target = os.path.join(folder, "cpu_step.so")
     try:
-        subprocess.run([compiler, *CFLAGS, *map(str, SOURCES), "-o", target, "-lm"], check=True, capture_output=True,
-                       text=True)
+        _compile(compiler, target)
         lib = ctypes.CDLL(target)
     except (OSError, subprocess.CalledProcessError) as err:
         detail = getattr(err, "stderr", None) or err
@@ -116,6 +115,16 @@ def library() -> ctypes.CDLL:
     if symbols is not None:
         lib.set_sgemm(*(ctypes.c_void_p(a) for a in symbols))
     return lib
+
+
+def _compile(compiler: str, target: str) -> None:
+    """With OpenMP where the compiler has it (its libgomp is the one torch has loaded: same soname), else
+    without (one thread per step)."""
+    command = [compiler, *CFLAGS, *map(str, SOURCES), "-o", target, "-lm"]
+    try:
+        subprocess.run([*command, "-fopenmp"], check=True, capture_output=True, text=True)
+    except subprocess.CalledProcessError:
+        subprocess.run(command, check=True, capture_output=True, text=True)
 
 
 @functools.cache
