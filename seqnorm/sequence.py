@@ -46,7 +46,7 @@ class RecurrenceSpec:
 
     @property
     def gates(self) -> int:
-        return 4 if self.cell == "lstm" else 1
+        return {"lstm": 4, "gru": 3}.get(self.cell, 1)
 
 
 def _steps(t: torch.Tensor) -> tuple:

@@ -17,7 +17,7 @@ class Client(torch.nn.Module):
 
     def __init__(self, cell, backend):
         super().__init__()
-        cls = seqnorm.LSTM if cell == "lstm" else seqnorm.RNN
+        cls = {"lstm": seqnorm.LSTM, "rnn": seqnorm.RNN, "gru": seqnorm.GRU}[cell]
         self.rnn = cls(4, 6, 2, backend=backend, alpha_fwd=0.9, alpha_bkw=0.8)
         self.head = torch.nn.Linear(6, 3)
 
@@ -55,9 +55,13 @@ def pair(cell, backend, train):
 BACKENDS = ["torch", "cpu", "triton"]
 
 
+# the GRU has the op on the C kernels only (its torch path is per-step autograd, eager only: docs/gru.md)
+CASES = [(cell, backend) for cell in ("lstm", "rnn") for backend in BACKENDS] + [("gru", "cpu")]
+
+
 def every_case(test):
-    """Each backend, LSTM and RNN, train and eval mode."""
-    marks = (pytest.mark.parametrize("backend", BACKENDS), pytest.mark.parametrize("cell", ["lstm", "rnn"]),
+    """Each backend, LSTM and RNN (and the GRU's two backends), train and eval mode."""
+    marks = (pytest.mark.parametrize("cell,backend", CASES),
              pytest.mark.parametrize("train", [True, False], ids=["train", "eval"]))
     for mark in marks:
         test = mark(test)
@@ -109,7 +113,14 @@ def test_op_passes_opcheck():
     state = seqnorm.OnlineNormState.initial(12)
     args = (torch.randn(4, 2, 12, requires_grad=True), torch.randn(2, 3, requires_grad=True), torch.randn(2, 3),
             torch.randn(12, 3, requires_grad=True), torch.ones(12, requires_grad=True), torch.zeros(12), None,
-            state.mu, state.var, state.u, state.v, spec, "cpu")
+            state.mu, state.var, state.u, state.v, spec, "cpu", None)
+    torch.library.opcheck(torch.ops.seqnorm.recurrence, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    gru = ops.encode_spec(RecurrenceSpec("gru", "online", 3, seqnorm.OnlineNormConfig(alpha_fwd=0.9), "tanh", True))
+    state = seqnorm.OnlineNormState.initial(9)
+    args = (torch.randn(4, 2, 9, requires_grad=True), torch.randn(2, 3, requires_grad=True), None,
+            torch.randn(9, 3, requires_grad=True), torch.ones(9, requires_grad=True), torch.zeros(9), None,
+            state.mu, state.var, state.u, state.v, gru, "cpu", torch.randn(9, requires_grad=True))
     torch.library.opcheck(torch.ops.seqnorm.recurrence, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 

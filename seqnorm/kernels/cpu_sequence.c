@@ -149,3 +149,49 @@ int sequence_backward(const Params *p, int lstm, int64_t T, int64_t P, const Str
     if (w_hr != NULL) release(&wr);
     return 0;
 }
+
+/* The GRU's time loop (cpu_step.c's gru_*_step): per step gh = h W_hh^T + b_hh into the scratch gh (B,3H), then
+ * the step; ghn_all (T,B,H) keeps each step's W_hn h + b_hn.  b_hh may be NULL (bias=False). */
+int gru_sequence_forward(const Params *p, int64_t T, const Strides *st, const float *xproj, float *h_all, float *act,
+                         float *y_all, float *s_all, float *iz, const float *gamma, const float *beta, float *mu,
+                         float *var, const float *w_hh, const float *b_hh, float *ghn_all, float *gh) {
+    if (sgemm_ == NULL) return 1;
+    const int B = (int)p->B, H = (int)p->H, GH = 3 * H;
+    Weight w = weight(B, GH, H, w_hh, 1);
+    for (int64_t t = 0; t < T; t++) {
+        for (int b = 0; b < B; b++) {
+            if (b_hh != NULL)
+                memcpy(gh + (int64_t)b * GH, b_hh, sizeof(float) * GH);
+            else
+                memset(gh + (int64_t)b * GH, 0, sizeof(float) * GH);
+        }
+        mm_weight(B, h_all + t * B * H, &w, 1.0f, gh);
+        gru_forward_step(p, xproj + t * B * GH, gh, h_all + t * B * H, h_all + (t + 1) * B * H, act + t * B * GH,
+                         y_all + t * st->y, s_all + t * st->s, iz + t * st->iz, gamma, beta, mu, var,
+                         ghn_all + t * B * H);
+    }
+    release(&w);
+    return 0;
+}
+
+/* dh (B,H): dL/dh_T in, dL/dh_0 out.  d_pre (T,B,3H) receives dL/dxproj, d_gh (T,B,3H) dL/d(W_hh h + b_hh);
+ * dh_direct (B,H) is scratch; the affine's sums as in sequence_backward. */
+int gru_sequence_backward(const Params *p, int64_t T, const Strides *st, float *dh, const float *d_out,
+                          const float *h_all, const float *act, const float *ghn_all, const float *y_all,
+                          const float *s_all, const float *iz, const float *gamma, const float *beta, float *da,
+                          float *d_pre, float *d_gh, float *u, float *v, const float *w_hh, const float *zero_rows,
+                          float *dh_direct, double *d_gamma, double *d_beta) {
+    if (sgemm_ == NULL) return 1;
+    const int B = (int)p->B, H = (int)p->H, GH = 3 * H;
+    Weight w = weight(B, H, GH, w_hh, 0);
+    for (int64_t t = T - 1; t >= 0; t--) {
+        gru_backward_step(p, dh, d_out != NULL ? d_out + t * B * H : zero_rows, dh_direct, act + t * B * GH,
+                          h_all + t * B * H, ghn_all + t * B * H, y_all + t * st->y, s_all + t * st->s,
+                          iz + t * st->iz, gamma, beta, da + t * st->da, d_pre + t * B * GH, d_gh + t * B * GH, u, v);
+        if (d_gamma != NULL) affine_grads(B, GH, da + t * st->da, y_all + t * st->y, d_gamma, d_beta);
+        memcpy(dh, dh_direct, sizeof(float) * B * H);
+        mm_weight(B, d_gh + t * B * GH, &w, 1.0f, dh);
+    }
+    release(&w);
+    return 0;
+}

@@ -256,3 +256,61 @@ void rnn_backward_step(const Params *p, const float *dh, const float *d_out, flo
         gate_backward(p, dx + row, y + row, s + row, iz + b, gamma, beta, da + row, u, v);
     }
 }
+
+/* GRU (gates r, z, n; docs/gru.md).  xp = W_ih x + b_ih and gh = W_hh h + b_hh, both (B, 3H).  r and z normalize
+ * a = xp + gh, n normalizes a_n = xp_n + r * gh_n; h' = (1 - z) n + z h.  act holds r, z, n; ghn keeps gh_n for
+ * the backward.  Each gate's features have their own state, rows in order. */
+void gru_forward_step(const Params *p, const float *xp, const float *gh, const float *h_prev, float *h_next,
+                      float *act, float *y, float *s, float *iz, const float *gamma, const float *beta, float *mu,
+                      float *var, float *ghn) {
+    const int64_t H = p->H, GH = 3 * H;
+    for (int64_t b = 0; b < p->B; b++) {
+        const int64_t row = b * GH, hrow = b * H;
+        float *restrict r = act + row, *restrict z = r + H, *restrict n = r + 2 * H;
+        const float *restrict x = xp + row, *restrict g = gh + row;
+        for (int64_t j = 0; j < 2 * H; j++) r[j] = x[j] + g[j];
+        for (int k = 0; k < 2; k++) /* normalized in place, then the sigmoid */
+            gate_forward(p, r + k * H, mu + k * H, var + k * H, gamma + k * H, beta + k * H, y + row + k * H,
+                         s + row + k * H, iz + b * 3 + k, r + k * H);
+        for (int64_t j = 0; j < 2 * H; j++) r[j] = sigmoidf_(r[j]);
+        for (int64_t j = 0; j < H; j++) {
+            ghn[hrow + j] = g[2 * H + j];
+            n[j] = x[2 * H + j] + r[j] * g[2 * H + j];
+        }
+        gate_forward(p, n, mu + 2 * H, var + 2 * H, gamma + 2 * H, beta + 2 * H, y + row + 2 * H, s + row + 2 * H,
+                     iz + b * 3 + 2, n);
+        for (int64_t j = 0; j < H; j++) {
+            n[j] = tanhf_(n[j]);
+            h_next[hrow + j] = (1.0f - z[j]) * n[j] + z[j] * h_prev[hrow + j];
+        }
+    }
+}
+
+/* dh + d_out -> dx = dL/dxp and dgh = dL/dgh (B, 3H; they differ in n's part: dgh_n = da_n * r), and
+ * dh_direct = dL/dh through h' = ... + z h only (the W_hh path is the caller's product dgh W_hh). */
+void gru_backward_step(const Params *p, const float *dh, const float *d_out, float *dh_direct, const float *act,
+                       const float *h_prev, const float *ghn, const float *y, const float *s, const float *iz,
+                       const float *gamma, const float *beta, float *da, float *dx, float *dgh, float *u, float *v) {
+    const int64_t H = p->H, GH = 3 * H;
+    for (int64_t b = 0; b < p->B; b++) {
+        const int64_t row = b * GH, hrow = b * H;
+        const float *restrict r = act + row, *restrict z = r + H, *restrict n = r + 2 * H;
+        float *restrict dr = dx + row, *restrict dz = dr + H, *restrict dn = dr + 2 * H, *restrict dg = dgh + row;
+        for (int64_t j = 0; j < H; j++) {
+            float dht = dh[hrow + j] + d_out[hrow + j];
+            dn[j] = dht * (1.0f - z[j]) * (1.0f - n[j] * n[j]);
+            dz[j] = dht * (h_prev[hrow + j] - n[j]) * z[j] * (1.0f - z[j]);
+            dh_direct[hrow + j] = dht * z[j];
+        }
+        gate_backward(p, dn, y + row + 2 * H, s + row + 2 * H, iz + b * 3 + 2, gamma + 2 * H, beta + 2 * H,
+                      da + row + 2 * H, u + 2 * H, v + 2 * H); /* dn -> dL/da_n */
+        for (int64_t j = 0; j < H; j++) {
+            dg[2 * H + j] = dn[j] * r[j];
+            dr[j] = dn[j] * ghn[hrow + j] * r[j] * (1.0f - r[j]);
+        }
+        for (int k = 0; k < 2; k++)
+            gate_backward(p, dr + k * H, y + row + k * H, s + row + k * H, iz + b * 3 + k, gamma + k * H,
+                          beta + k * H, da + row + k * H, u + k * H, v + k * H);
+        for (int64_t j = 0; j < 2 * H; j++) dg[j] = dr[j];
+    }
+}

@@ -22,4 +22,10 @@ void lstm_backward_step(const Params *p, const float *dh, const float *d_out, fl
 void rnn_backward_step(const Params *p, const float *dh, const float *d_out, float *dc, const float *act,
                        const float *c_prev, const float *c_next, const float *y, const float *s, const float *iz,
                        const float *gamma, const float *beta, float *da, float *dx, float *u, float *v);
+void gru_forward_step(const Params *p, const float *xp, const float *gh, const float *h_prev, float *h_next,
+                      float *act, float *y, float *s, float *iz, const float *gamma, const float *beta, float *mu,
+                      float *var, float *ghn);
+void gru_backward_step(const Params *p, const float *dh, const float *d_out, float *dh_direct, const float *act,
+                       const float *h_prev, const float *ghn, const float *y, const float *s, const float *iz,
+                       const float *gamma, const float *beta, float *da, float *dx, float *dgh, float *u, float *v);
 #endif

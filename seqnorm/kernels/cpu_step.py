@@ -108,7 +108,8 @@ def library() -> ctypes.CDLL:
                          f"{', '.join(p.name for p in SOURCES)}: {detail}")
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # a loaded library stays mapped; nothing is left in /tmp
-    for name in ("lstm_forward_step", "rnn_forward_step", "lstm_backward_step", "rnn_backward_step"):
+    for name in ("lstm_forward_step", "rnn_forward_step", "gru_forward_step", "lstm_backward_step",
+                 "rnn_backward_step", "gru_backward_step"):
         getattr(lib, name).restype = None
     lib.set_sgemm.restype = None
     symbols = blas_symbols()
@@ -189,6 +190,38 @@ class CPUStep:
             _ptr_or_null(d_out), *map(_ptr, (dc, act, c_all, y, s, iz, gamma, beta, da, d_pre, u, v, w_hh)),
             _ptr_or_null(w_hr), _ptr_or_null(dh_all), _ptr_or_null(dm), _ptr(self.zero_rows), _ptr_or_null(d_gamma),
             _ptr_or_null(d_beta))
+        _check_status(status)
+
+
+    def gru_forward(self, *tensors):
+        """One GRU step: (xp, gh, h_prev, h_next, act, y, s, iz, gamma, beta, mu, var, ghn)."""
+        library().gru_forward_step(self.params, *map(_ptr, tensors))
+
+    def gru_backward(self, dh, d_out, *tensors):
+        """One GRU step back: (dh, d_out or None, dh_direct, act, h_prev, ghn, y, s, iz, gamma, beta, da, dx, dgh,
+        u, v)."""
+        library().gru_backward_step(self.params, *map(_ptr, (dh, self.zero_rows if d_out is None else d_out,
+                                                              *tensors)))
+
+    def gru_forward_sequence(self, xproj, h_all, act, y, s, iz, gamma, beta, mu, var, w_hh, b_hh, ghn_all):
+        """All T GRU steps in one call (``recurrence.gru_forward``)."""
+        gh = torch.empty_like(xproj[0])
+        strides = Strides(0, _stride(y), _stride(s), _stride(iz), 0)
+        status = library().gru_sequence_forward(
+            self.params, ctypes.c_int64(xproj.shape[0]), ctypes.byref(strides),
+            *map(_ptr, (xproj, h_all, act, y, s, iz, gamma, beta, mu, var, w_hh)), _ptr_or_null(b_hh),
+            _ptr(ghn_all), _ptr(gh))
+        _check_status(status)
+
+    def gru_backward_sequence(self, dh, d_out, h_all, act, ghn_all, y, s, iz, gamma, beta, da, d_pre, d_gh, u, v,
+                              w_hh, dh_direct, d_gamma=None, d_beta=None):
+        """All T GRU steps back in one call (``recurrence.gru_backward``); ``dh`` becomes dL/dh0."""
+        da_stride = 0 if d_gamma is not None else _stride(da)
+        strides = Strides(0, _stride(y), _stride(s), _stride(iz), da_stride)
+        status = library().gru_sequence_backward(
+            self.params, ctypes.c_int64(act.shape[0]), ctypes.byref(strides), _ptr(dh), _ptr_or_null(d_out),
+            *map(_ptr, (h_all, act, ghn_all, y, s, iz, gamma, beta, da, d_pre, d_gh, u, v, w_hh, self.zero_rows,
+                        dh_direct)), _ptr_or_null(d_gamma), _ptr_or_null(d_beta))
         _check_status(status)
 
 

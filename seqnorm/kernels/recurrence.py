@@ -134,3 +134,82 @@ def _backward_loop(kernel, d_out, dh, dc, saved, g, b, da, d_pre, u, v, w, wr, d
             kernel.backward(d_kernel, d_out_t, dc, act_s[t], c_s[t], c_s[t + 1], y_s[t], s_s[t], iz_s[t], g, b,
                             da_s[t], dx_s[t], u, v)
             torch.mm(dx_s[t], w, out=dh)
+
+
+def gru_forward(spec, xproj, h0, w_hh, b_hh, gamma, beta, mu, var, make_step):
+    """The GRU's forward of all T steps (docs/gru.md); ``mu``, ``var`` (online) updated in place.
+
+    ``xproj`` = W_ih x + b_ih (T,B,3H); per step gh = h W_hh^T + b_hh (b_hn stays inside r's product).
+    Returns (h_all (T+1,B,H), ghn_all (T,B,H): each step's W_hn h + b_hn, act (r, z, n), y_all, s_all, iz).
+    """
+    T, B, GH = xproj.shape
+    H, device = spec.hidden_size, xproj.device
+    f32 = dict(dtype=torch.float32, device=device)
+    unused = lambda: torch.empty(1, **f32)  # noqa: E731
+    normed, c = spec.norm is not None, spec.config
+    kernel = make_step(spec, B, xproj.dtype)
+    h_all = xproj.new_empty(T + 1, B, H)
+    h_all[0] = h0
+    ghn_all, act = torch.empty(T, B, H, **f32), torch.empty(T, B, GH, **f32)
+    y_all = torch.empty(T, B, GH, **f32) if normed else unused()
+    s_all = torch.empty(T, B, GH, **f32) if normed else unused()
+    iz = torch.empty(T, B, 3, **f32) if spec.norm == "online" and c.ecm == "ls" else unused()
+    none = unused()
+    g, b = (gamma.float().contiguous(), beta.float().contiguous()) if gamma is not None else (none, none)
+    mu, var = (mu, var) if spec.norm == "online" else (none, none)
+    w = w_hh.contiguous()
+    bias = None if b_hh is None else b_hh.contiguous()
+    if getattr(kernel, "native", False):
+        kernel.gru_forward_sequence(xproj.contiguous(), h_all, act, y_all, s_all, iz, g, b, mu, var, w, bias, ghn_all)
+    else:
+        steps = lambda buf: _steps(buf, T + 1)  # noqa: E731
+        act_s, y_s, s_s, iz_s = map(steps, (act, y_all, s_all, iz))
+        gh = xproj.new_empty(B, GH)
+        for t in range(T):
+            if bias is None:
+                torch.mm(h_all[t], w.t(), out=gh)
+            else:
+                torch.addmm(bias, h_all[t], w.t(), out=gh)
+            kernel.gru_forward(xproj[t], gh, h_all[t], h_all[t + 1], act_s[t], y_s[t], s_s[t], iz_s[t], g, b, mu, var,
+                               ghn_all[t])
+    return h_all, ghn_all, act, y_all, s_all, iz
+
+
+def gru_backward(spec, saved, d_out, w_hh, gamma, beta, u, v, make_step):
+    """Steps T-1..0 of the GRU from ``gru_forward``'s ``saved``; ``u``, ``v`` (online, training) updated in place.
+
+    Returns dL/d(xproj, h0, w_hh, gamma, beta, b_hh) (None for gamma, beta without the affine).
+    """
+    h_all, ghn_all, act, y_all, s_all, iz = saved
+    T, B, GH = act.shape
+    H, device = spec.hidden_size, act.device
+    none = torch.empty(1, dtype=torch.float32, device=device)
+    affine = spec.norm is not None and spec.config.affine
+    kernel = make_step(spec, B, torch.float32)
+    w = w_hh.contiguous()
+    g, b = (gamma.float().contiguous(), beta.float().contiguous()) if gamma is not None else (none, none)
+    u, v = (u, v) if spec.norm == "online" and u is not None else (none, none)
+    dh = torch.zeros(B, H, dtype=torch.float32, device=device)
+    d_pre, d_gh = torch.empty(T, B, GH, device=device), torch.empty(T, B, GH, device=device)
+    dh_direct = torch.empty(B, H, device=device)
+    d_out = None if d_out is None else d_out.float().contiguous()
+    d_gamma = d_beta = None
+    if getattr(kernel, "native", False):
+        da = torch.empty(B, GH, device=device) if affine else none
+        sums = torch.zeros(2, GH, dtype=torch.float64, device=device) if affine else (None, None)
+        kernel.gru_backward_sequence(dh, d_out, h_all, act, ghn_all, y_all, s_all, iz, g, b, da, d_pre, d_gh, u, v, w,
+                                     dh_direct, *sums)
+        if affine:
+            d_gamma, d_beta = sums[0].float(), sums[1].float()
+    else:
+        da = torch.empty(T, B, GH, device=device) if affine else none
+        steps = lambda buf: _steps(buf, T + 1)  # noqa: E731
+        act_s, y_s, s_s, iz_s, da_s = map(steps, (act, y_all, s_all, iz, da))
+        for t in range(T - 1, -1, -1):
+            kernel.gru_backward(dh, None if d_out is None else d_out[t], dh_direct, act_s[t], h_all[t], ghn_all[t],
+                                y_s[t], s_s[t], iz_s[t], g, b, da_s[t], d_pre[t], d_gh[t], u, v)
+            torch.addmm(dh_direct, d_gh[t], w, out=dh)
+        if affine:
+            d_gamma, d_beta = (da * y_all).sum((0, 1)), da.sum((0, 1))
+    d_w = torch.mm(d_gh.view(T * B, GH).t(), h_all[:-1].reshape(T * B, H))
+    return d_pre, dh, d_w, d_gamma, d_beta, d_gh.sum((0, 1))
