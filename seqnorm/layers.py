@@ -386,10 +386,9 @@ class GRU(_RecurrentLayers):
     forward(input, hx=None) -> output, h_n with the shapes of ``torch.nn.GRU``; parameters and gate layout
     (r, z, n) as torch.nn's.  One normalizer of 3H features per layer and direction (``seqnorm.cells``,
     docs/gru.md).  Online Normalization hyperparameters default to ``OnlineNormConfig()``.
-    ``backend``: "cpu" runs each layer direction through the custom op ``seqnorm::recurrence`` on the C kernels
-    (float32 CPU tensors; the time loop in C, as for the LSTM); "torch" runs the steps through autograd (any
-    device and dtype; double backward); "auto" picks "cpu" where the LSTM would, else "torch".  The Triton kernel
-    is not written for the GRU yet, so "triton" is an error.
+    ``backend``: "cpu" and "triton" run each layer direction through the custom op ``seqnorm::recurrence`` on the
+    C kernels (float32 CPU tensors; the time loop in C, as for the LSTM) or the Triton kernels; "torch" runs the
+    steps through autograd (any device and dtype; double backward); "auto" picks as for the LSTM.
     """
 
     cell = "gru"
@@ -402,18 +401,15 @@ class GRU(_RecurrentLayers):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, device=None,
                  dtype=None, *, norm="online", config: OnlineNormConfig | None = None, backend: str = "auto",
                  **config_fields):
-        if backend == "triton":
-            raise ValueError("seqnorm.GRU has no Triton kernel yet: use backend='cpu' (float32 CPU tensors), "
-                             "'torch' or 'auto'")
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0, norm,
                          make_config(config, config_fields), "tanh", backend, device, dtype)
 
     def _recurrence(self, spec_text, state, xproj, h, c, w_hh, b_hh, norm, w_hr):
         backend = _resolve_backend(self.backend, xproj.device, xproj.dtype)
-        if backend == "cpu":
+        if backend in ("cpu", "triton"):
             gamma, beta = (norm.weight, norm.bias) if norm is not None else (None, None)
             return ops.run(spec_text, backend, state, xproj, h, None, w_hh, gamma, beta, None, b_hh)
-        outs = []  # the torch path: per-step autograd (also where "auto" picks Triton, which has no GRU kernel)
+        outs = []  # the torch path: per-step autograd
         for gi in xproj.unbind(0):
             h = gru_step(gi, F.linear(h, w_hh, b_hh), h, norm, self.hidden_size)
             outs.append(h)

@@ -119,9 +119,9 @@ def recurrence(xproj: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor, ga
 
 
 def _check_gru_backend(backend: str) -> None:
-    if backend != "cpu":
-        raise NotImplementedError(f"seqnorm::recurrence runs the GRU on backend='cpu' only for now (the Triton "
-                                  f"kernel and the torch path's op are not written for the GRU), got {backend!r}")
+    if backend not in STEP_FACTORIES:
+        raise NotImplementedError(f"seqnorm::recurrence runs the GRU on the fused backends ({', '.join(STEP_FACTORIES)})"
+                                  f"; the GRU's torch path is per-step autograd outside the op, got {backend!r}")
 
 
 @recurrence.register_fake

@@ -55,8 +55,8 @@ def pair(cell, backend, train):
 BACKENDS = ["torch", "cpu", "triton"]
 
 
-# the GRU has the op on the C kernels only (its torch path is per-step autograd, eager only: docs/gru.md)
-CASES = [(cell, backend) for cell in ("lstm", "rnn") for backend in BACKENDS] + [("gru", "cpu")]
+# the GRU has the op on the fused backends (its torch path is per-step autograd, eager only: docs/gru.md)
+CASES = [(cell, backend) for cell in ("lstm", "rnn") for backend in BACKENDS] + [("gru", "cpu"), ("gru", "triton")]
 
 
 def every_case(test):

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import seqnorm
+from layer_helpers import require
 from reference import _OnlineNormStep, affine_ecm, online_state
 
 H, I, B = 4, 3, 5
@@ -123,15 +124,17 @@ def test_gru_layer_without_norm_is_torch_nn_gru(kw):
         torch.testing.assert_close(b, a)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("norm", [None, "online"])
-def test_gru_c_kernels_packed_bidirectional_batch_first_match_the_torch_path(norm):
-    """backend='cpu' (C kernels, time loop in C) against the torch path on a packed, bidirectional, two-layer,
-    batch_first GRU, three calls (the statistics carry); without norm also against torch.nn.GRU."""
+def test_gru_fused_packed_bidirectional_batch_first_match_the_torch_path(norm, backend):
+    """The fused backends (the op) against the torch path on a packed, bidirectional, two-layer, batch_first
+    GRU, three calls (the statistics carry); without norm also against torch.nn.GRU."""
     from torch.nn.utils.rnn import pack_padded_sequence
 
+    require(backend)
     torch.manual_seed(6)
     ref = torch.nn.GRU(I, H, num_layers=2, bidirectional=True, batch_first=True)
-    layers = [seqnorm.GRU.from_torch(ref, norm=norm, backend=b) for b in ("torch", "cpu")]
+    layers = [seqnorm.GRU.from_torch(ref, norm=norm, backend=b) for b in ("torch", backend)]
     layers[1].load_state_dict(layers[0].state_dict())
     for call in range(3):
         x = torch.randn(B, 6, I, requires_grad=True)
@@ -168,12 +171,14 @@ def test_gru_layer_packed_without_norm_is_torch_nn_gru(enforce_sorted):
 # the torch path in float64 (tight), the C kernels with their time loop in float32 (float32 rounding);
 # scale 30: inputs large enough that the v-decay floor binds
 BACKENDS = [("torch", torch.float64, dict(rtol=1e-10, atol=1e-12)),
-            ("cpu", torch.float32, dict(rtol=2e-4, atol=2e-5))]
+            ("cpu", torch.float32, dict(rtol=2e-4, atol=2e-5)),
+            ("triton", torch.float32, dict(rtol=2e-4, atol=2e-5))]  # Triton's interpreter without a GPU
 
 
 @pytest.mark.parametrize("backend,dtype,tol", BACKENDS)
 @pytest.mark.parametrize("norm,scale", [("online", 3.0), ("online", 30.0), ("layer", 3.0)])
 def test_gru_layer_equals_the_per_step_loop(norm, scale, backend, dtype, tol):
+    require(backend)
     torch.manual_seed(4)
     gru = seqnorm.GRU(I, H, norm=norm, dtype=dtype, backend=backend)
     names = {"weight_ih_l0": "weight_ih", "weight_hh_l0": "weight_hh", "bias_ih_l0": "bias_ih",
@@ -221,8 +226,8 @@ def test_the_cell_is_one_step_of_the_layer_and_the_layer_saves(tmp_path):
     assert isinstance(loaded, seqnorm.GRU) and loaded.mode == "GRU"
     loaded.eval()
     torch.testing.assert_close(loaded(x, h)[0], gru.eval()(x, h)[0])
-    with pytest.raises(ValueError, match="no Triton kernel"):
-        seqnorm.GRU(I, H, backend="triton")
+    with pytest.raises(ValueError, match="backend"):
+        seqnorm.GRU(I, H, backend="fast")
     with pytest.raises(TypeError, match="needs a torch.nn.GRU"):
         seqnorm.GRU.from_torch(torch.nn.LSTM(I, H))
 
@@ -233,3 +238,33 @@ def test_gru_torch_path_double_backward():
     gru = seqnorm.GRU(2, 3, norm="layer", backend="torch", dtype=torch.float64)
     x = torch.randn(3, 2, 2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda x: gru(x)[0], (x,))
+
+
+@pytest.mark.parametrize("norm,ecm,training", [("online", "ac", True), (None, "ls", True), ("online", "ls", False),
+                                               ("layer", "ls", True)])
+def test_gru_triton_split_over_programs(norm, ecm, training, monkeypatch):
+    """Small hidden blocks (max_block_h=2) or per-row programs give the numbers of the C kernels."""
+    pytest.importorskip("triton")
+    from seqnorm import ops
+    from seqnorm.kernels import step
+    from seqnorm.sequence import RecurrenceSpec
+
+    spec = RecurrenceSpec("gru", norm, 5, seqnorm.OnlineNormConfig(alpha_fwd=0.9, alpha_bkw=0.8, ecm=ecm), "tanh",
+                          training)
+    geo = step.geometry(spec, 3, max_block_h=2)
+    assert geo.grid[0] * geo.grid[1] > 1, geo
+    monkeypatch.setitem(ops.STEP_FACTORIES, "triton",
+                        lambda: lambda spec, batch, dtype: step.TritonStep(spec, batch, dtype, max_block_h=2))
+    torch.manual_seed(1)
+    args = [torch.randn(4, 3, 15), torch.randn(3, 5), None, 0.5 * torch.randn(15, 5), 1 + 0.3 * torch.randn(15),
+            0.3 * torch.randn(15), None]
+    b_hh, results = 0.3 * torch.randn(15), []
+    for backend in ("cpu", "triton"):
+        state = seqnorm.OnlineNormState.initial(15)
+        state.mu.normal_(generator=torch.Generator().manual_seed(2))
+        leaves = [None if a is None else a.clone().requires_grad_() for a in [*args, b_hh]]
+        out, h, _ = ops.run(ops.encode_spec(spec), backend, state, *leaves)
+        (out.sin().sum() + h.sum()).backward()
+        results.append([out, h] + [a.grad for a in leaves if a is not None] + list(vars(state).values()))
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)

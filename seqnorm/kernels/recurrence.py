@@ -157,8 +157,8 @@ def gru_forward(spec, xproj, h0, w_hh, b_hh, gamma, beta, mu, var, make_step):
     none = unused()
     g, b = (gamma.float().contiguous(), beta.float().contiguous()) if gamma is not None else (none, none)
     mu, var = (mu, var) if spec.norm == "online" else (none, none)
-    w = w_hh.contiguous()
-    bias = None if b_hh is None else b_hh.contiguous()
+    w = w_hh.to(xproj.dtype).contiguous()
+    bias = None if b_hh is None else b_hh.to(xproj.dtype).contiguous()
     if getattr(kernel, "native", False):
         kernel.gru_forward_sequence(xproj.contiguous(), h_all, act, y_all, s_all, iz, g, b, mu, var, w, bias, ghn_all)
     else:
@@ -181,12 +181,12 @@ def gru_backward(spec, saved, d_out, w_hh, gamma, beta, u, v, make_step):
     Returns dL/d(xproj, h0, w_hh, gamma, beta, b_hh) (None for gamma, beta without the affine).
     """
     h_all, ghn_all, act, y_all, s_all, iz = saved
-    T, B, GH = act.shape
+    T, B, GH = act.shape  # (the kernels read h_all in its own dtype)
     H, device = spec.hidden_size, act.device
     none = torch.empty(1, dtype=torch.float32, device=device)
     affine = spec.norm is not None and spec.config.affine
     kernel = make_step(spec, B, torch.float32)
-    w = w_hh.contiguous()
+    w = w_hh.float().contiguous()
     g, b = (gamma.float().contiguous(), beta.float().contiguous()) if gamma is not None else (none, none)
     u, v = (u, v) if spec.norm == "online" and u is not None else (none, none)
     dh = torch.zeros(B, H, dtype=torch.float32, device=device)
@@ -211,5 +211,5 @@ def gru_backward(spec, saved, d_out, w_hh, gamma, beta, u, v, make_step):
             torch.addmm(dh_direct, d_gh[t], w, out=dh)
         if affine:
             d_gamma, d_beta = (da * y_all).sum((0, 1)), da.sum((0, 1))
-    d_w = torch.mm(d_gh.view(T * B, GH).t(), h_all[:-1].reshape(T * B, H))
+    d_w = torch.mm(d_gh.view(T * B, GH).t(), h_all[:-1].reshape(T * B, H).float())
     return d_pre, dh, d_w, d_gamma, d_beta, d_gh.sum((0, 1))

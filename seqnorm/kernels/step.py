@@ -319,6 +319,110 @@ def rnn_backward_step(dh_ptr, d_out_ptr, dc_ptr, act_ptr, c_prev_ptr, c_next_ptr
     _store_state(v_ptr, 0, j, mask, v, CONTROL)
 
 
+@triton.jit
+def _load_gru(ptr, H, j, mask, other, ACTIVE: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The state of gates r, z, n (features k*H + j) as three vectors."""
+    return (_load_state(ptr, 0 * H, j, mask, other, ACTIVE, BLOCK_H),
+            _load_state(ptr, 1 * H, j, mask, other, ACTIVE, BLOCK_H),
+            _load_state(ptr, 2 * H, j, mask, other, ACTIVE, BLOCK_H))
+
+
+@triton.jit
+def _store_gru(ptr, H, j, mask, value_r, value_z, value_n, ACTIVE: tl.constexpr):
+    _store_state(ptr, 0 * H, j, mask, value_r, ACTIVE)
+    _store_state(ptr, 1 * H, j, mask, value_z, ACTIVE)
+    _store_state(ptr, 2 * H, j, mask, value_n, ACTIVE)
+
+
+@triton.jit
+def gru_forward_step(xp_ptr, gh_ptr, h_prev_ptr, h_next_ptr, act_ptr, y_ptr, s_ptr, iz_ptr, gamma_ptr, beta_ptr,
+                     mu_ptr, var_ptr, ghn_ptr, B, H, rows_per_program, alpha, eps, ls_eps, clamp_value,
+                     NORM: tl.constexpr, ECM: tl.constexpr, AFFINE: tl.constexpr, TRAINING: tl.constexpr,
+                     BLOCK_H: tl.constexpr):
+    """GRU (docs/gru.md): r, z = sigmoid(N(xp + gh)), n = tanh(N(xp_n + r gh_n)), h' = (1 - z) n + z h, with
+    gh = h W_hh^T + b_hh; act gets r, z, n and ghn gets gh_n (for the backward)."""
+    j = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = j < H
+    ON: tl.constexpr = NORM == 1
+    GH = 3 * H
+    mu_r, mu_z, mu_n = _load_gru(mu_ptr, H, j, mask, 0.0, ON, BLOCK_H)
+    var_r, var_z, var_n = _load_gru(var_ptr, H, j, mask, 1.0, ON, BLOCK_H)
+    row_start = tl.program_id(0) * rows_per_program
+    for b in range(row_start, tl.minimum(row_start + rows_per_program, B)):
+        row, hrow = b * GH, b * H
+        xr = (tl.load(xp_ptr + row + 0 * H + j, mask=mask, other=0.0).to(tl.float32)
+              + tl.load(gh_ptr + row + 0 * H + j, mask=mask, other=0.0).to(tl.float32))
+        xz = (tl.load(xp_ptr + row + 1 * H + j, mask=mask, other=0.0).to(tl.float32)
+              + tl.load(gh_ptr + row + 1 * H + j, mask=mask, other=0.0).to(tl.float32))
+        zr, mu_r, var_r = _gate_forward(xr, mu_r, var_r, gamma_ptr + 0 * H, beta_ptr + 0 * H, y_ptr + row + 0 * H,
+                                        s_ptr + row + 0 * H, iz_ptr + b * 3 + 0, j, mask, H, alpha, eps, ls_eps,
+                                        clamp_value, NORM, ECM, AFFINE, TRAINING)
+        zz, mu_z, var_z = _gate_forward(xz, mu_z, var_z, gamma_ptr + 1 * H, beta_ptr + 1 * H, y_ptr + row + 1 * H,
+                                        s_ptr + row + 1 * H, iz_ptr + b * 3 + 1, j, mask, H, alpha, eps, ls_eps,
+                                        clamp_value, NORM, ECM, AFFINE, TRAINING)
+        r, z = _sigmoid(zr), _sigmoid(zz)
+        ghn = tl.load(gh_ptr + row + 2 * H + j, mask=mask, other=0.0).to(tl.float32)
+        xn = tl.load(xp_ptr + row + 2 * H + j, mask=mask, other=0.0).to(tl.float32) + r * ghn
+        zn, mu_n, var_n = _gate_forward(xn, mu_n, var_n, gamma_ptr + 2 * H, beta_ptr + 2 * H, y_ptr + row + 2 * H,
+                                        s_ptr + row + 2 * H, iz_ptr + b * 3 + 2, j, mask, H, alpha, eps, ls_eps,
+                                        clamp_value, NORM, ECM, AFFINE, TRAINING)
+        n = _tanh(zn)
+        h = tl.load(h_prev_ptr + hrow + j, mask=mask, other=0.0).to(tl.float32)
+        tl.store(act_ptr + row + 0 * H + j, r, mask=mask)
+        tl.store(act_ptr + row + 1 * H + j, z, mask=mask)
+        tl.store(act_ptr + row + 2 * H + j, n, mask=mask)
+        tl.store(ghn_ptr + hrow + j, ghn, mask=mask)
+        tl.store(h_next_ptr + hrow + j, ((1.0 - z) * n + z * h).to(h_next_ptr.dtype.element_ty), mask=mask)
+    UPDATE: tl.constexpr = ON and TRAINING
+    _store_gru(mu_ptr, H, j, mask, mu_r, mu_z, mu_n, UPDATE)
+    _store_gru(var_ptr, H, j, mask, var_r, var_z, var_n, UPDATE)
+
+
+@triton.jit
+def gru_backward_step(dh_ptr, d_out_ptr, dh_direct_ptr, act_ptr, h_prev_ptr, ghn_ptr, y_ptr, s_ptr, iz_ptr,
+                      gamma_ptr, beta_ptr, da_ptr, dx_ptr, dgh_ptr, u_ptr, v_ptr, B, H, rows_per_program, beta_b,
+                      clamp_value, v_decay_min, NORM: tl.constexpr, ECM: tl.constexpr, AFFINE: tl.constexpr,
+                      TRAINING: tl.constexpr, HAS_DOUT: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Backward of gru_forward_step: dx = dL/dxp, dgh = dL/dgh (n's part da_n * r), dh_direct = dL/dh through z h."""
+    j = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = j < H
+    CONTROL: tl.constexpr = NORM == 1 and TRAINING
+    GH = 3 * H
+    u_r, u_z, u_n = _load_gru(u_ptr, H, j, mask, 0.0, CONTROL, BLOCK_H)
+    v_r, v_z, v_n = _load_gru(v_ptr, H, j, mask, 0.0, CONTROL, BLOCK_H)
+    row_start = tl.program_id(0) * rows_per_program
+    for b in range(row_start, tl.minimum(row_start + rows_per_program, B)):
+        row, hrow = b * GH, b * H
+        dh = tl.load(dh_ptr + hrow + j, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DOUT:
+            dh += tl.load(d_out_ptr + hrow + j, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(act_ptr + row + 0 * H + j, mask=mask, other=0.0)
+        z = tl.load(act_ptr + row + 1 * H + j, mask=mask, other=0.0)
+        n = tl.load(act_ptr + row + 2 * H + j, mask=mask, other=0.0)
+        h = tl.load(h_prev_ptr + hrow + j, mask=mask, other=0.0).to(tl.float32)
+        ghn = tl.load(ghn_ptr + hrow + j, mask=mask, other=0.0)
+        tl.store(dh_direct_ptr + hrow + j, dh * z, mask=mask)
+        dan, u_n, v_n = _gate_backward(dh * (1.0 - z) * (1.0 - n * n), u_n, v_n, y_ptr + row + 2 * H,
+                                       s_ptr + row + 2 * H, iz_ptr + b * 3 + 2, gamma_ptr + 2 * H, beta_ptr + 2 * H,
+                                       da_ptr + row + 2 * H, j, mask, H, beta_b, clamp_value, v_decay_min, NORM, ECM,
+                                       AFFINE, TRAINING)
+        dar, u_r, v_r = _gate_backward(dan * ghn * r * (1.0 - r), u_r, v_r, y_ptr + row + 0 * H, s_ptr + row + 0 * H,
+                                       iz_ptr + b * 3 + 0, gamma_ptr + 0 * H, beta_ptr + 0 * H, da_ptr + row + 0 * H,
+                                       j, mask, H, beta_b, clamp_value, v_decay_min, NORM, ECM, AFFINE, TRAINING)
+        daz, u_z, v_z = _gate_backward(dh * (h - n) * z * (1.0 - z), u_z, v_z, y_ptr + row + 1 * H,
+                                       s_ptr + row + 1 * H, iz_ptr + b * 3 + 1, gamma_ptr + 1 * H, beta_ptr + 1 * H,
+                                       da_ptr + row + 1 * H, j, mask, H, beta_b, clamp_value, v_decay_min, NORM, ECM,
+                                       AFFINE, TRAINING)
+        tl.store(dx_ptr + row + 0 * H + j, dar, mask=mask)
+        tl.store(dx_ptr + row + 1 * H + j, daz, mask=mask)
+        tl.store(dx_ptr + row + 2 * H + j, dan, mask=mask)
+        tl.store(dgh_ptr + row + 0 * H + j, dar, mask=mask)
+        tl.store(dgh_ptr + row + 1 * H + j, daz, mask=mask)
+        tl.store(dgh_ptr + row + 2 * H + j, dan * r, mask=mask)
+    _store_gru(u_ptr, H, j, mask, u_r, u_z, u_n, CONTROL)
+    _store_gru(v_ptr, H, j, mask, v_r, v_z, v_n, CONTROL)
+
+
 # --- launching ----------------------------------------------------------------
 
 
@@ -354,13 +458,14 @@ class TritonStep:
         lstm = spec.cell == "lstm"
         self._forward = (lstm_forward_step if lstm else rnn_forward_step)[geo.grid]
         self._backward = (lstm_backward_step if lstm else rnn_backward_step)[geo.grid]
+        self._gru_forward, self._gru_backward = gru_forward_step[geo.grid], gru_backward_step[geo.grid]
         self.sizes = (batch, spec.hidden_size, geo.rows_per_program)
         self.forward_scalars = (c.alpha_fwd, c.eps, c.ls_eps, c.clamp_value)
         self.backward_scalars = (1.0 - c.alpha_bkw, c.clamp_value, decay_floor(c))
         self.constants = dict(NORM=NORM_CODES[spec.norm], ECM=ECM_CODES[c.ecm],
                               AFFINE=spec.norm is not None and c.affine, TRAINING=spec.training,
                               BLOCK_H=geo.block_h, num_warps=geo.num_warps)
-        if not lstm:
+        if spec.cell == "rnn":
             self.constants["RELU"] = spec.nonlinearity == "relu"
 
     def forward(self, *tensors):
@@ -371,3 +476,12 @@ class TritonStep:
         """(dh, d_out or None, dc, act, c_prev, c_next, y, s, iz, gamma, beta, da, dx, u, v)"""
         self._backward(dh, dh if d_out is None else d_out, *tensors, *self.sizes, *self.backward_scalars,
                        HAS_DOUT=d_out is not None, **self.constants)
+
+    def gru_forward(self, *tensors):
+        """(xp, gh, h_prev, h_next, act, y, s, iz, gamma, beta, mu, var, ghn)"""
+        self._gru_forward(*tensors, *self.sizes, *self.forward_scalars, **self.constants)
+
+    def gru_backward(self, dh, d_out, *tensors):
+        """(dh, d_out or None, dh_direct, act, h_prev, ghn, y, s, iz, gamma, beta, da, dx, dgh, u, v)"""
+        self._gru_backward(dh, dh if d_out is None else d_out, *tensors, *self.sizes, *self.backward_scalars,
+                           HAS_DOUT=d_out is not None, **self.constants)
