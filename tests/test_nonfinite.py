@@ -113,3 +113,32 @@ def test_train_mode_forward_under_no_grad_keeps_state_finite_and_warns_once(back
     assert_state_finite(lstm)
     for p in lstm.parameters():
         assert torch.isfinite(p.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_gru_skips_nonfinite_samples_as_its_torch_path_does(backend):
+    """The GRU's fused kernels against its torch path (per-step autograd through OnlineNorm, whose skipping is
+    held to the reference above): a poisoned call, then a clean one; the state stays finite throughout."""
+    require(backend)
+    torch.manual_seed(0)
+    ref = seqnorm.GRU(5, 6, alpha_fwd=ALPHA_FWD, alpha_bkw=ALPHA_BKW, backend="torch")
+    layer = on_backend(ref, backend, torch.float32)
+    bad = torch.randn(4, 3, 5)
+    bad[1, 1, 2] = float("nan")
+    bad[2, 0, 0] = float("inf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for x in (bad, torch.randn(4, 3, 5)):
+            results = []
+            for m in (ref, layer):
+                xi = x.clone().requires_grad_()
+                out, h = m(xi)
+                out.nan_to_num(0.0, 0.0, 0.0).sum().backward()
+                results.append([out.detach(), xi.grad] + [p.grad.clone() for p in m.parameters()]
+                               + [b.clone() for b in m.buffers()])
+                m.zero_grad()
+                assert_state_finite(m)
+            for want, got in zip(*results):
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, equal_nan=True)
+            assert torch.isfinite(results[1][0]).all() == (x is not bad)  # the poisoned samples' outputs are not
+    assert all(torch.isfinite(t).all() for t in results[1])  # the clean call after it: all finite again
