@@ -138,6 +138,15 @@ def _gate_backward(dz, u, v, y_ptr, s_ptr, iz_ptr, gamma_ptr, beta_ptr, da_ptr, 
 
 
 @triton.jit
+def _incoming_dh(dh_ptr, d_out_ptr, row, j, mask, HAS_DOUT: tl.constexpr):
+    """dL/dh of a row: the carried dh plus the step's own output gradient, in float32."""
+    dh = tl.load(dh_ptr + row + j, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DOUT:
+        dh += tl.load(d_out_ptr + row + j, mask=mask, other=0.0).to(tl.float32)
+    return dh
+
+
+@triton.jit
 def _load_state(ptr, off, j, mask, other, ACTIVE: tl.constexpr, BLOCK_H: tl.constexpr):
     value = tl.zeros([BLOCK_H], dtype=tl.float32) + other
     if ACTIVE:
@@ -227,9 +236,7 @@ def lstm_backward_step(dh_ptr, d_out_ptr, dc_ptr, act_ptr, c_prev_ptr, c_next_pt
     row_start = tl.program_id(0) * rows_per_program
     for b in range(row_start, tl.minimum(row_start + rows_per_program, B)):
         row, hrow = b * GH, b * H
-        dh = tl.load(dh_ptr + hrow + j, mask=mask, other=0.0).to(tl.float32)
-        if HAS_DOUT:
-            dh += tl.load(d_out_ptr + hrow + j, mask=mask, other=0.0).to(tl.float32)
+        dh = _incoming_dh(dh_ptr, d_out_ptr, hrow, j, mask, HAS_DOUT)
         i = tl.load(act_ptr + row + 0 * H + j, mask=mask, other=0.0)
         f = tl.load(act_ptr + row + 1 * H + j, mask=mask, other=0.0)
         g = tl.load(act_ptr + row + 2 * H + j, mask=mask, other=0.0)
@@ -304,9 +311,7 @@ def rnn_backward_step(dh_ptr, d_out_ptr, dc_ptr, act_ptr, c_prev_ptr, c_next_ptr
     row_start = tl.program_id(0) * rows_per_program
     for b in range(row_start, tl.minimum(row_start + rows_per_program, B)):
         row = b * H
-        dh = tl.load(dh_ptr + row + j, mask=mask, other=0.0).to(tl.float32)
-        if HAS_DOUT:
-            dh += tl.load(d_out_ptr + row + j, mask=mask, other=0.0).to(tl.float32)
+        dh = _incoming_dh(dh_ptr, d_out_ptr, row, j, mask, HAS_DOUT)
         h = tl.load(act_ptr + row + j, mask=mask, other=0.0)
         if RELU:
             dz = tl.where(h > 0, dh, 0.0)
@@ -393,9 +398,7 @@ def gru_backward_step(dh_ptr, d_out_ptr, dh_direct_ptr, act_ptr, h_prev_ptr, ghn
     row_start = tl.program_id(0) * rows_per_program
     for b in range(row_start, tl.minimum(row_start + rows_per_program, B)):
         row, hrow = b * GH, b * H
-        dh = tl.load(dh_ptr + hrow + j, mask=mask, other=0.0).to(tl.float32)
-        if HAS_DOUT:
-            dh += tl.load(d_out_ptr + hrow + j, mask=mask, other=0.0).to(tl.float32)
+        dh = _incoming_dh(dh_ptr, d_out_ptr, hrow, j, mask, HAS_DOUT)
         r = tl.load(act_ptr + row + 0 * H + j, mask=mask, other=0.0)
         z = tl.load(act_ptr + row + 1 * H + j, mask=mask, other=0.0)
         n = tl.load(act_ptr + row + 2 * H + j, mask=mask, other=0.0)
