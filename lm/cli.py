@@ -73,15 +73,18 @@ def add_train_parser(sub):
                    "the settings exactly as given, e.g. the paper's presets as printed; a long first segment can "
                    "then blow up a normalized run at initialization")
     _add(p, "--warmup", name="warmup", choices=WARMUPS, help="robust start: truncate backpropagation through time "
-         "(or cap the segments: bptt, or ramp the lr: lr) for the first --warmup-steps steps, or retry a step "
-         "whose gradient explodes with a truncated backward (retry)")
+         "(or cap the segments: bptt, or ramp the lr: lr) for the first --warmup-steps steps; or retake a step "
+         "with a truncated backward when its gradient explodes (retry) or when its update damaged the model (undo)")
     _add(p, "--warmup-steps", name="warmup_steps", type=int, help="length of the warm-up in optimizer steps")
     _add(p, "--warmup-from", name="warmup_from", type=int,
-         help="first truncation or segment length of the warm-up, rising linearly to --bptt (retry: the truncation "
-              "of a retried step)")
+         help="first truncation or segment length of the warm-up, rising linearly to --bptt (retry, undo: the "
+              "truncation of a retaken step)")
     _add(p, "--retry-factor", name="retry_factor", type=float,
          help="retry: a step is retried when its gradient norm exceeds this many times the median of the recent "
               "ones (at the first step: its own truncated gradient's norm)")
+    _add(p, "--undo-factor", name="undo_factor", type=float,
+         help="undo: an update during the warm-up is undone and retaken when it multiplied its own segment's "
+              "perplexity by more than this")
     _add(p, "--adaptive-clip", name="adaptive_clip", type=_optional_float, show_none=True,
          help="clip the gradient norm at this many times the median of the last --clip-window norms, or none")
     _add(p, "--clip-window", name="clip_window", type=int, help="how many recent gradient norms the median takes")

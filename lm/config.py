@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, fields
 
 CELLS = ("lstm", "rnn", "gru", "lstm-cudnn", "rnn-cudnn", "gru-cudnn")
 NORMS = ("online", "layer", "none")
-WARMUPS = ("truncate", "retry", "bptt", "lr", "none")  # lm/robust_start.py
+WARMUPS = ("truncate", "retry", "undo", "bptt", "lr", "none")  # lm/robust_start.py
 AS_WRITTEN = {"warmup": "none", "adaptive_clip": None}  # --as-written: no robust start
 
 
@@ -81,6 +81,7 @@ class TrainConfig:
     warmup_steps: int = 300
     warmup_from: int = 32
     retry_factor: float = 10.0
+    undo_factor: float = 100.0
     adaptive_clip: float | None = None
     clip_window: int = 100
     batch_size: int = 20
@@ -109,8 +110,9 @@ class TrainConfig:
         for name in ("warmup_steps", "warmup_from", "clip_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not self.retry_factor > 1:
-            raise ValueError(f"retry_factor must be above 1, got {self.retry_factor}")
+        for name in ("retry_factor", "undo_factor"):
+            if not getattr(self, name) > 1:
+                raise ValueError(f"{name} must be above 1, got {getattr(self, name)}")
         if self.adaptive_clip is not None and self.adaptive_clip <= 0:
             raise ValueError(f"adaptive_clip must be positive, got {self.adaptive_clip}")
 

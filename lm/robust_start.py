@@ -24,14 +24,22 @@ The measures, each a ``TrainConfig`` field (``--as-written`` turns all off):
   is the median of the recent accepted norms or, before there are any, the
   norm of the same segment's truncated gradient.  A run that never retries is
   bit for bit the run as written.
+- ``warmup="undo"``: every step is taken as written; during the first
+  ``warmup_steps`` steps, a trial forward on the step's own segment checks the
+  update just taken, and an update that multiplied the segment's perplexity by
+  more than ``undo_factor`` (100; its loss rose by more than log 100) is undone
+  (weights, statistics, random state) and taken again with the backward
+  truncated at ``warmup_from`` steps.  It acts on damage done, not on a large
+  gradient: the same gradient norm throws one preset away and not another (the
+  learning rates differ).  A run that never undoes is bit for bit as written.
 - ``adaptive_clip=k``: the global gradient norm is clipped at k times the
   median of the last ``clip_window`` norms, so it is scale-free across presets
   and leaves healthy steps alone (``AdaptiveClip``; inactive until it has seen
   ``clip_window // 4`` norms, since a median of fewer says little).
 
-The warm-ups but retry are functions of the step count, so resuming is exact
-with no extra state; the recent norms of the retry guard and of the adaptive
-clip are saved in ``last.pt``.
+The warm-ups but retry are functions of the step count (undo decides within a
+step), so resuming is exact with no extra state; the recent norms of the retry
+guard and of the adaptive clip are saved in ``last.pt``.
 """
 from __future__ import annotations
 
@@ -54,6 +62,12 @@ def ramp_length(step: int, steps: int, start: int, end: int) -> int | None:
 def truncation(cfg, step: int) -> int | None:
     """How many time steps the backward of step ``step`` may reach (None: the whole segment)."""
     return ramp_length(step, cfg.warmup_steps, cfg.warmup_from, cfg.bptt) if cfg.warmup == "truncate" else None
+
+
+def watched(cfg, step: int, segment_length: int) -> bool:
+    """Whether ``warmup="retry"`` or ``"undo"`` watches this step: during the warm-up, a segment longer than the
+    truncation a retaken step would get (a shorter one would be retaken unchanged)."""
+    return cfg.warmup in ("retry", "undo") and step < cfg.warmup_steps and segment_length > cfg.warmup_from
 
 
 def segment_cap(cfg, step: int) -> int | None:
@@ -112,8 +126,7 @@ class AdaptiveClip(RecentNorms):
 class RetryGuard(RecentNorms):
     """``warmup="retry"``: which steps to take again with the backward truncated at ``length`` time steps.
 
-    Only steps before ``steps`` whose segment is longer than ``length`` are watched (a shorter one has nothing
-    to truncate).  A watched step is retried when its norm exceeds ``k`` times the yardstick: the median of the
+    The trainer asks only for the steps ``watched`` names.  A watched step is retried when its norm exceeds ``k`` times the yardstick: the median of the
     recent accepted norms, or, before there are any, the norm of the same segment's truncated gradient
     (``reference() is None`` asks the trainer for it).  The trainer records every step's accepted norm.
     """
@@ -121,9 +134,6 @@ class RetryGuard(RecentNorms):
     def __init__(self, k: float, steps: int, length: int, window: int):
         super().__init__(window)
         self.k, self.steps, self.length = k, steps, length
-
-    def watching(self, step: int, segment_length: int) -> bool:
-        return step < self.steps and segment_length > self.length
 
     def recording(self, step: int) -> bool:
         return step < self.steps

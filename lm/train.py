@@ -211,17 +211,28 @@ class Trainer:
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         self.hidden = detach_hidden(self.hidden)
-        watched = self.guard is not None and self.guard.watching(self.step, x.shape[0])
-        before = self._snapshot() if watched else None
+        watched = robust_start.watched(self.cfg, self.step, x.shape[0])
+        before = self._snapshot(params=self.cfg.warmup == "undo") if watched else None
         value, hidden = self._forward_backward(x, y, robust_start.truncation(self.cfg, self.step))
         norm = self._grad_norm()
-        if watched:
+        if watched and self.guard is not None:
             norm, hidden = self._retry_if_exploding(x, y, before, norm, hidden)
         if self.guard is not None and self.guard.recording(self.step):
             self.guard.add(norm)
+        self._update()
+        if watched and self.cfg.warmup == "undo" and self._damaged(x, y, value):
+            self._load_snapshot(before)  # the update undone: weights, statistics and random state as before it
+            _, hidden = self._forward_backward(x, y, self.cfg.warmup_from)
+            norm = self._grad_norm()
+            self._update()
+            self.sums["retries"] = self.sums.get("retries", 0) + 1
         self.hidden = hidden
-        self._clip()
         self.sums["grad_norm_max"] = max(self.sums.get("grad_norm_max", 0.0), norm)
+        return value
+
+    def _update(self) -> None:
+        """Clipping (when asked for), then the SGD step at this step's learning rate."""
+        self._clip()
         factor = robust_start.lr_factor(self.cfg, self.step)
         base = [group["lr"] for group in self.optimizer.param_groups]
         for group in self.optimizer.param_groups:
@@ -229,7 +240,18 @@ class Trainer:
         self.optimizer.step()
         for group, lr in zip(self.optimizer.param_groups, base):
             group["lr"] = lr
-        return value
+
+    def _damaged(self, x: torch.Tensor, y: torch.Tensor, before: float) -> bool:
+        """``warmup="undo"``: whether the update just taken raised the loss of its own segment by more than
+        log(undo_factor), i.e. multiplied its perplexity by more than undo_factor.  A trial forward from the
+        segment's starting hidden state; the statistics and random state are put back as the step left them."""
+        after = self._snapshot()
+        with torch.no_grad():
+            logits, _ = self.net(x, self.hidden)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+            trial = parallel.global_mean(loss, y.numel(), self.ranks)
+        self._load_snapshot(after)
+        return not trial <= before + math.log(self.cfg.undo_factor)  # a non-finite trial counts as damage
 
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, truncate: int | None):
         """The segment's loss (checked finite before any gradient exists) and its gradients; returns the loss
@@ -243,14 +265,20 @@ class Trainer:
         loss.backward()
         return value, hidden
 
-    def _snapshot(self) -> dict:
-        """What a forward pass changes besides the graph: the statistics buffers and the random state."""
-        return {"buffers": {k: b.clone() for k, b in self.model.named_buffers()}, "rng": rng_state()}
+    def _snapshot(self, params: bool = False) -> dict:
+        """What a forward pass changes besides the graph: the statistics buffers and the random state; with
+        ``params`` also the weights (what an SGD step changes: plain SGD keeps no optimizer state)."""
+        snap = {"buffers": {k: b.clone() for k, b in self.model.named_buffers()}, "rng": rng_state()}
+        if params:
+            snap["params"] = [p.detach().clone() for p in self.model.parameters()]
+        return snap
 
     def _load_snapshot(self, snap: dict) -> None:
         with torch.no_grad():
             for k, b in self.model.named_buffers():
                 b.copy_(snap["buffers"][k])
+            for p, saved in zip(self.model.parameters(), snap.get("params", ())):
+                p.copy_(saved)
         set_rng_state(snap["rng"])
 
     def _retry_if_exploding(self, x, y, before: dict, norm: float, hidden):

@@ -73,7 +73,11 @@ def test_adaptive_clip_keeps_non_finite_norms_out_of_the_median():
 
 def test_retry_guard_watches_long_segments_during_the_warmup_only():
     guard = robust_start.RetryGuard(k=10.0, steps=5, length=32, window=3)
-    assert guard.watching(0, 33) and not guard.watching(0, 32) and not guard.watching(5, 128)
+    for warmup in ("retry", "undo"):
+        cfg = TrainConfig(warmup=warmup, warmup_steps=5, warmup_from=32)
+        assert robust_start.watched(cfg, 0, 33) and not robust_start.watched(cfg, 0, 32)
+        assert not robust_start.watched(cfg, 5, 128)
+    assert not robust_start.watched(TrainConfig(warmup="truncate"), 0, 128)
     assert guard.recording(4) and not guard.recording(5)
     assert guard.median() is None  # no yardstick yet: the trainer measures the truncated gradient
     for norm in (1.0, 3.0, float("nan"), 2.0, 100.0):
@@ -89,6 +93,12 @@ def _run_steps(cfg, steps):
     return trainer.model.state_dict(), summary
 
 
+def _forward_statistics(cfg) -> set[str]:
+    """The names of the statistics the forward updates (mu, var); the control state u, v is the backward's."""
+    names = {k for k, _ in Trainer(replace(cfg, max_steps=1), progress=False).model.named_buffers()}
+    return {k for k in names if k.endswith(("running_mean", "running_var"))}
+
+
 def test_retry_that_never_fires_is_the_run_as_written_bit_for_bit(corpus_dir, tmp_path):
     """Every watched step with no yardstick yet is computed twice (full, then truncated) and the full one kept:
     the state it restores must be exactly the state as written."""
@@ -100,17 +110,50 @@ def test_retry_that_never_fires_is_the_run_as_written_bit_for_bit(corpus_dir, tm
 
 
 def test_a_retried_step_is_the_step_with_a_truncated_backward(corpus_dir, tmp_path):
-    """At step 0 (no yardstick), a factor just above 1 retries: the update must equal the truncation warm-up's
-    first step (backward cut at warmup_from) and the statistics must equal the run as written (same forward)."""
-    retry, summary = _run_steps(small(corpus_dir, tmp_path / "r", warmup="retry", retry_factor=1.0001), 1)
+    """A retry forced at step 0 (the guard's factor set near 0): the update must equal the truncation warm-up's
+    first step (backward cut at warmup_from) and the forward statistics the run as written's (same forward)."""
+    kw = dict(bptt_mode="fixed")  # a first segment of 12 steps, cut at 3
+    trainer = Trainer(small(corpus_dir, tmp_path / "r", warmup="retry", max_steps=1, **kw), progress=False)
+    trainer.guard.k = 1e-9  # this small model does not explode: make any gradient count as exploding
+    summary = trainer.run()
+    retry = trainer.model.state_dict()
     assert summary["history"][-1]["retries"] == 1
-    truncated, _ = _run_steps(small(corpus_dir, tmp_path / "t", warmup="truncate"), 1)  # K(0) = warmup_from
-    written, _ = _run_steps(small(corpus_dir, tmp_path / "w", warmup="none"), 1)
+    truncated, _ = _run_steps(small(corpus_dir, tmp_path / "t", warmup="truncate", **kw), 1)  # K(0) = warmup_from
+    written, _ = _run_steps(small(corpus_dir, tmp_path / "w", warmup="none", **kw), 1)
     assert any(not torch.equal(written[k], truncated[k]) for k in written if "weight" in k)
+    buffers = _forward_statistics(small(corpus_dir, tmp_path / "b"))
+    assert buffers
     for k in retry:
         assert torch.equal(retry[k], truncated[k]), k
-        if not k.endswith("weight") and not k.endswith("bias"):  # a buffer: the normalization statistics
+        if k in buffers:  # the forward's statistics
             assert torch.equal(retry[k], written[k]), k
+
+
+def test_undo_that_never_fires_is_the_run_as_written_bit_for_bit(corpus_dir, tmp_path):
+    """Every watched step runs a trial forward after its update; the state it puts back must be exact."""
+    written, _ = _run_steps(small(corpus_dir, tmp_path / "w", warmup="none"), 30)
+    undo, summary = _run_steps(small(corpus_dir, tmp_path / "u", warmup="undo", undo_factor=1e30), 30)
+    assert summary["history"][-1]["retries"] == 0
+    for k in written:
+        assert torch.equal(written[k], undo[k]), k
+
+
+def test_an_undone_update_is_retaken_with_a_truncated_backward(corpus_dir, tmp_path):
+    """At lr 300 the first update throws the small model away (its segment's loss rises by about 30, far more
+    than log 100; at lr 1-10 it falls): undone, the step must equal the truncation warm-up's first step, and the
+    forward statistics those of the run as written (the same forward)."""
+    kw = dict(lr=300.0, bptt_mode="fixed")
+    undo, summary = _run_steps(small(corpus_dir, tmp_path / "u", warmup="undo", **kw), 1)
+    assert summary["history"][-1]["retries"] == 1
+    truncated, _ = _run_steps(small(corpus_dir, tmp_path / "t", warmup="truncate", **kw), 1)  # K(0) = warmup_from
+    written, _ = _run_steps(small(corpus_dir, tmp_path / "w", warmup="none", **kw), 1)
+    assert any(not torch.equal(written[k], truncated[k]) for k in written if "weight" in k)
+    buffers = _forward_statistics(small(corpus_dir, tmp_path / "b"))
+    assert buffers
+    for k in undo:
+        assert torch.equal(undo[k], truncated[k]), k
+        if k in buffers:
+            assert torch.equal(undo[k], written[k]), k
 
 
 @pytest.mark.parametrize("cell,norm", [("lstm-cudnn", "none"), ("lstm", "online"), ("rnn", "layer")])
@@ -153,10 +196,11 @@ def small(corpus_dir, out, **kw):
     return TrainConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("warmup,adaptive", [("truncate", 2.0), ("bptt", None), ("lr", 2.0), ("retry", None)])
+@pytest.mark.parametrize("warmup,adaptive", [("truncate", 2.0), ("bptt", None), ("lr", 2.0), ("retry", None),
+                                             ("undo", None)])
 def test_resume_mid_warmup_is_exact(corpus_dir, tmp_path, warmup, adaptive):
     cfg = small(corpus_dir, tmp_path / "full", warmup=warmup, adaptive_clip=adaptive, clip_window=8,
-                retry_factor=1.2)
+                retry_factor=1.2, undo_factor=1.01, lr=21.0 if warmup == "undo" else 1.0)  # undo: 2 undone steps
     full = train(cfg, progress=False)
     assert full["steps"] > 40  # the warm-up ends inside the run
     cut = replace(cfg, out=str(tmp_path / "cut"))
@@ -176,7 +220,9 @@ def test_resume_mid_warmup_is_exact(corpus_dir, tmp_path, warmup, adaptive):
     assert (a["train"]["retry"] is not None) == (warmup == "retry")
     assert a["train"]["retry"] == b["train"]["retry"]
     if warmup == "retry":
-        assert len(a["train"]["retry"]["norms"]) == 8 and sum(r["retries"] for r in full["history"]) > 0
+        assert len(a["train"]["retry"]["norms"]) == 8
+    if warmup in ("retry", "undo"):
+        assert sum(r["retries"] for r in full["history"]) > 0
 
 
 def test_the_warmups_change_what_they_say(corpus_dir, tmp_path):
@@ -211,6 +257,8 @@ def test_as_written_flag_and_its_conflicts(capsys):
         TrainConfig(adaptive_clip=0)
     with pytest.raises(ValueError, match="retry_factor must be above 1"):
         TrainConfig(retry_factor=1.0)
+    with pytest.raises(ValueError, match="undo_factor must be above 1"):
+        TrainConfig(undo_factor=0.5)
 
 
 def test_a_long_first_segment_trains_with_the_default_and_blows_up_as_written(tmp_path, capsys):
