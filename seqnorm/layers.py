@@ -103,13 +103,19 @@ class _RecurrentLayers(nn.Module):
         self.reset_parameters()
 
     def _encode_specs(self) -> dict:
-        """The op's spec argument for train and eval mode, made once (a string: pickles and traces as one)."""
-        return {mode: ops.encode_spec(RecurrenceSpec(self.cell, self.norm_type, self.hidden_size, self.config,
-                                                     self.nonlinearity, mode)) for mode in (True, False)}
+        """The op's spec argument for train mode, eval mode and inference (eval without autograd), made once
+        (a string: pickles and traces as one)."""
+        spec = lambda mode, saves=True: ops.encode_spec(RecurrenceSpec(  # noqa: E731
+            self.cell, self.norm_type, self.hidden_size, self.config, self.nonlinearity, mode, saves))
+        return {True: spec(True), False: spec(False), "inference": spec(False, saves=False)}
 
-    def _spec_text(self) -> str:
-        if "_spec_texts" not in self.__dict__:  # a module pickled before the attribute existed
+    def _spec_text(self, needs_grad: bool = True) -> str:
+        """Inference, where the fused forward keeps nothing for a backward: eval mode, no gradient wanted, eager
+        (a traced program keeps one spec for every call), and not the GRU (whose kernels always keep it)."""
+        if "inference" not in self.__dict__.get("_spec_texts", {}):  # a module pickled before the key existed
             self._spec_texts = self._encode_specs()
+        if not self.training and not needs_grad and not _tracing() and self.cell != "gru":
+            return self._spec_texts["inference"]
         return self._spec_texts[self.training]
 
     @property
@@ -256,7 +262,9 @@ class _RecurrentLayers(nn.Module):
         """
         w_ih, w_hh, b_ih, b_hh, norm, w_hr = self._layer_params(k, sfx)
         xproj = F.linear(x, w_ih, b_ih if b_ih is None or not self.fold_hidden_bias else b_ih + b_hh)
-        spec_text = self._spec_text()
+        needs_grad = torch.is_grad_enabled() and (xproj.requires_grad or h0.requires_grad
+                                                  or (c0 is not None and c0.requires_grad))
+        spec_text = self._spec_text(needs_grad)
         state = norm.state if self.norm_type == "online" else None
         B, h, c = x.shape[1], h0, c0
         outs, ended_h, ended_c = [], [], []  # rows whose sequences ended before a run, latest first

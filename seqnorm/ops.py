@@ -77,9 +77,10 @@ def _shapes(spec: RecurrenceSpec, xproj: Tensor, h0: Tensor, backend: str, has_p
     normed, ls = spec.norm is not None, online and spec.config.ecm == "ls"
     one = ((1,), f32)
     cells = {"lstm": ((T + 1, B, H), f32), "gru": ((T, B, H), f32)}  # the LSTM's cell; the GRU's W_hn h + b_hn
+    kept = T if spec.saves else 1  # inference: one step's scratch
     return [((T + 1, B, P), x_dt), cells.get(spec.cell, one), *state,
-            ((T, B, H), x_dt) if has_proj else one, ((T, B, GH), f32), ((T, B, GH), f32) if normed else one,
-            ((T, B, GH), f32) if normed else one, ((T, B, spec.gates), f32) if ls else one]
+            ((T, B, H), x_dt) if has_proj else one, ((kept, B, GH), f32), ((kept, B, GH), f32) if normed else one,
+            ((kept, B, GH), f32) if normed else one, ((kept, B, spec.gates), f32) if ls else one]
 
 
 @torch.library.custom_op("seqnorm::recurrence", mutates_args=())

@@ -43,6 +43,7 @@ class RecurrenceSpec:
     config: OnlineNormConfig
     nonlinearity: str = "tanh"
     training: bool = True
+    saves: bool = True  # False: inference (eval, no autograd): the fused forward keeps nothing for a backward
 
     @property
     def gates(self) -> int:

@@ -106,3 +106,34 @@ def test_cpu_loop_says_which_loop_runs(monkeypatch):
     assert backends.cpu_loop() == "native"
     monkeypatch.setattr(cpu_step, "blas_symbols", lambda: None)  # as on a torch that exports no sgemm_
     assert backends.cpu_loop() == "per-step"
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("cell,norm,kw", [("lstm", "online", dict(proj_size=4)), ("lstm", "layer", {}),
+                                          ("rnn", "online", dict(bidirectional=True)), ("rnn", None, {})])
+def test_inference_keeps_one_step_of_scratch_and_the_same_numbers(cell, norm, kw, backend):
+    """Eval mode under no_grad: the op keeps nothing for a backward (act, y, s of one step, reused), and the
+    outputs equal eval mode with autograd."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    from seqnorm import ops
+
+    torch.manual_seed(0)
+    layer = (seqnorm.LSTM if cell == "lstm" else seqnorm.RNN)(6, 8, norm=norm, backend=backend, **kw).eval()
+    x = torch.randn(9, 3, 6)
+    shapes = []
+    real = torch.ops.seqnorm.recurrence
+
+    def recording(*args):
+        outputs = real(*args)
+        shapes.append(tuple(outputs[5].shape))  # act
+        return outputs
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.ops.seqnorm, "recurrence", recording)
+        with torch.no_grad():
+            fast = layer(x)
+        slow = layer(x.requires_grad_())
+    assert shapes[0][0] == 1 and shapes[-1][0] == 9, shapes
+    for a, b in zip(torch.utils._pytree.tree_leaves(fast), torch.utils._pytree.tree_leaves(slow)):
+        assert torch.equal(a, b.detach())

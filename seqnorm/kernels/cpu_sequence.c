@@ -80,9 +80,10 @@ typedef void (*backward_step_fn)(const Params *, const float *, const float *, f
                                  const float *, const float *, const float *, const float *, const float *,
                                  const float *, float *, float *, float *, float *);
 
-/* strides (elements per step) of: c_all, y_all, s_all, iz, da; 0 for an unused placeholder */
+/* strides (elements per step) of: c_all, y_all, s_all, iz, da, act; 0 for an unused placeholder or a scratch
+ * every step reuses (inference keeps nothing for a backward) */
 typedef struct {
-    int64_t c, y, s, iz, da;
+    int64_t c, y, s, iz, da, act;
 } Strides;
 
 int sequence_forward(const Params *p, int lstm, int64_t T, int64_t P, const Strides *st, const float *xproj,
@@ -97,7 +98,7 @@ int sequence_forward(const Params *p, int lstm, int64_t T, int64_t P, const Stri
     for (int64_t t = 0; t < T; t++) {
         memcpy(pre, xproj + t * B * GH, sizeof(float) * B * GH);
         mm_weight(B, h_all + t * B * P, &w, 1.0f, pre);
-        step(p, pre, c_all + t * st->c, c_all + (t + 1) * st->c, m_all + t * B * H, act + t * B * GH,
+        step(p, pre, c_all + t * st->c, c_all + (t + 1) * st->c, m_all + t * B * H, act + t * st->act,
              y_all + t * st->y, s_all + t * st->s, iz + t * st->iz, gamma, beta, mu, var);
         if (w_hr != NULL) mm_weight(B, m_all + t * B * H, &wr, 0.0f, h_all + (t + 1) * B * P);
     }

@@ -44,7 +44,7 @@ class Params(ctypes.Structure):
 class Strides(ctypes.Structure):
     """Mirror of cpu_sequence.c's ``Strides``: elements per time step (0: an unused placeholder)."""
 
-    _fields_ = [(name, ctypes.c_int64) for name in ("c", "y", "s", "iz", "da")]
+    _fields_ = [(name, ctypes.c_int64) for name in ("c", "y", "s", "iz", "da", "act")]
 
 
 class BuildError(RuntimeError):
@@ -170,7 +170,7 @@ class CPUStep:
         """All T steps of ``recurrence.fused_forward`` in one call; every tensor contiguous float32."""
         T, P = xproj.shape[0], h_all.shape[-1]
         pre = torch.empty_like(xproj[0])
-        strides = Strides(_stride(c_all), _stride(y), _stride(s), _stride(iz), 0)
+        strides = Strides(_stride(c_all), _stride(y), _stride(s), _stride(iz), 0, _stride(act))
         status = library().sequence_forward(
             self.params, self.lstm, ctypes.c_int64(T), ctypes.c_int64(P), ctypes.byref(strides),
             *map(_ptr, (xproj, h_all, m_all, c_all, act, y, s, iz, gamma, beta, mu, var, w_hh)), _ptr_or_null(w_hr),
@@ -184,7 +184,7 @@ class CPUStep:
         into them and ``da`` is one step's scratch."""
         T, P = act.shape[0], dh.shape[-1]
         da_stride = 0 if d_gamma is not None else _stride(da)  # summed per step: one step's scratch
-        strides = Strides(_stride(c_all), _stride(y), _stride(s), _stride(iz), da_stride)
+        strides = Strides(_stride(c_all), _stride(y), _stride(s), _stride(iz), da_stride, _stride(act))
         status = library().sequence_backward(
             self.params, self.lstm, ctypes.c_int64(T), ctypes.c_int64(P), ctypes.byref(strides), _ptr(dh),
             _ptr_or_null(d_out), *map(_ptr, (dc, act, c_all, y, s, iz, gamma, beta, da, d_pre, u, v, w_hh)),
@@ -206,7 +206,7 @@ class CPUStep:
     def gru_forward_sequence(self, xproj, h_all, act, y, s, iz, gamma, beta, mu, var, w_hh, b_hh, ghn_all):
         """All T GRU steps in one call (``recurrence.gru_forward``)."""
         gh = torch.empty_like(xproj[0])
-        strides = Strides(0, _stride(y), _stride(s), _stride(iz), 0)
+        strides = Strides(0, _stride(y), _stride(s), _stride(iz), 0, _stride(act))
         status = library().gru_sequence_forward(
             self.params, ctypes.c_int64(xproj.shape[0]), ctypes.byref(strides),
             *map(_ptr, (xproj, h_all, act, y, s, iz, gamma, beta, mu, var, w_hh)), _ptr_or_null(b_hh),
@@ -217,7 +217,7 @@ class CPUStep:
                               w_hh, dh_direct, d_gamma=None, d_beta=None):
         """All T GRU steps back in one call (``recurrence.gru_backward``); ``dh`` becomes dL/dh0."""
         da_stride = 0 if d_gamma is not None else _stride(da)
-        strides = Strides(0, _stride(y), _stride(s), _stride(iz), da_stride)
+        strides = Strides(0, _stride(y), _stride(s), _stride(iz), da_stride, _stride(act))
         status = library().gru_sequence_backward(
             self.params, ctypes.c_int64(act.shape[0]), ctypes.byref(strides), _ptr(dh), _ptr_or_null(d_out),
             *map(_ptr, (h_all, act, ghn_all, y, s, iz, gamma, beta, da, d_pre, d_gh, u, v, w_hh, self.zero_rows,
@@ -226,8 +226,8 @@ class CPUStep:
 
 
 def _stride(buffer) -> int:
-    """Elements per time step of a (T, ...) buffer; 0 for a one-element placeholder."""
-    return buffer[0].numel() if buffer.dim() > 1 else 0
+    """Elements per time step of a (T, ...) buffer; 0 for a one-element placeholder or a one-step scratch."""
+    return buffer[0].numel() if buffer.dim() > 1 and buffer.shape[0] > 1 else 0
 
 
 def _ptr_or_null(tensor):

@@ -25,8 +25,11 @@ import torch
 
 
 def _steps(buffer, count):
-    """Per-step views of a (T, ...) buffer; a one-element placeholder stands for an unused one."""
-    return buffer.unbind(0) if buffer.dim() > 1 else (buffer,) * count
+    """Per-step views of a (T, ...) buffer; a one-element placeholder stands for an unused one, and a buffer of
+    one step for a scratch every step reuses."""
+    if buffer.dim() == 1:
+        return (buffer,) * count
+    return buffer.unbind(0) if buffer.shape[0] > 1 else (buffer[0],) * count
 
 
 def fused_forward(spec, xproj, h0, c0, w_hh, gamma, beta, w_hr, mu, var, make_step):
@@ -50,10 +53,11 @@ def fused_forward(spec, xproj, h0, c0, w_hh, gamma, beta, w_hr, mu, var, make_st
     c_all = torch.empty(T + 1, B, H, **f32) if lstm else unused()
     if lstm:
         c_all[0] = c0
-    act = torch.empty(T, B, GH, **f32)
-    y_all = torch.empty(T, B, GH, **f32) if normed else unused()
-    s_all = torch.empty(T, B, GH, **f32) if normed else unused()
-    iz = torch.empty(T, B, spec.gates, **f32) if spec.norm == "online" and c.ecm == "ls" else unused()
+    kept = T if spec.saves else 1  # inference: every step writes the same scratch (nothing kept for a backward)
+    act = torch.empty(kept, B, GH, **f32)
+    y_all = torch.empty(kept, B, GH, **f32) if normed else unused()
+    s_all = torch.empty(kept, B, GH, **f32) if normed else unused()
+    iz = torch.empty(kept, B, spec.gates, **f32) if spec.norm == "online" and c.ecm == "ls" else unused()
     g, b = (gamma.float().contiguous(), beta.float().contiguous()) if gamma is not None else (none, none)
     mu, var = (mu, var) if spec.norm == "online" else (none, none)
     if getattr(kernel, "native", False):  # the C time loop (cpu_sequence.c): one call for all T steps
