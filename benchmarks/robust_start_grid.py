@@ -52,8 +52,10 @@ def run(args) -> None:
     k, n = (int(x) for x in args.worker.split("/"))
     for variant, preset, seed in jobs(args.variants, args.presets, args.seeds)[k::n]:
         cell, norm = preset.split("-")[1:]
-        run_grid(Path(args.out) / variant, args.data, (cell,), (norm,), (seed,), args.epochs, args.max_steps,
-                 progress=False, overrides=VARIANTS[variant])
+        result = run_grid(Path(args.out) / variant, args.data, (cell,), (norm,), (seed,), args.epochs,
+                          args.max_steps, progress=False, overrides=VARIANTS[variant])
+        if result["status"] == "interrupted":  # Ctrl-C or SIGTERM: last.pt saved; stop, do not start the next job
+            return
 
 
 def load(out: Path, variant: str, preset: str, seed: int) -> dict | None:
