@@ -137,3 +137,33 @@ def test_inference_keeps_one_step_of_scratch_and_the_same_numbers(cell, norm, kw
     assert shapes[0][0] == 1 and shapes[-1][0] == 9, shapes
     for a, b in zip(torch.utils._pytree.tree_leaves(fast), torch.utils._pytree.tree_leaves(slow)):
         assert torch.equal(a, b.detach())
+
+
+def test_the_kernels_build_without_openmp_and_give_the_same_numbers(tmp_path, monkeypatch):
+    """A compiler without OpenMP (the pragmas ignored): the library still builds, and a step of the LSTM (gates
+    on one thread) equals the OpenMP build's (gates on torch's threads)."""
+    import ctypes
+    import subprocess
+
+    from seqnorm.norms import OnlineNormConfig
+    from seqnorm.sequence import RecurrenceSpec
+
+    target = tmp_path / "serial.so"
+    subprocess.run(["cc", *cpu_step.CFLAGS, *map(str, cpu_step.SOURCES), "-o", str(target), "-lm"], check=True)
+    serial = ctypes.CDLL(str(target))
+    spec = RecurrenceSpec("lstm", "online", 200, OnlineNormConfig())
+    B, GH = 20, 800  # B x 4H above the threshold where the OpenMP build splits the gates over threads
+    torch.manual_seed(0)
+    pre, c_prev, mu0, var0 = torch.randn(B, GH), torch.randn(B, 200), torch.randn(GH), torch.rand(GH) + 0.5
+    outputs = []
+    for lib in (cpu_step.library(), serial):
+        monkeypatch.setattr(cpu_step, "library", lambda lib=lib: lib)
+        step = cpu_step.CPUStep(spec, B, torch.float32)
+        step._forward = lib.lstm_forward_step
+        bufs = [torch.empty(B, 200), torch.empty(B, 200), torch.empty(B, GH), torch.empty(B, GH),
+                torch.empty(B, GH), torch.empty(B, 4)]
+        mu, var = mu0.clone(), var0.clone()
+        step.forward(pre, c_prev, *bufs, torch.ones(GH), torch.zeros(GH), mu, var)
+        outputs.append([*bufs, mu, var])
+    for a, b in zip(*outputs):
+        assert torch.equal(a, b)
