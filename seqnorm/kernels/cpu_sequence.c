@@ -107,26 +107,20 @@ int sequence_forward(const Params *p, int lstm, int64_t T, int64_t P, const Stri
     return 0;
 }
 
-static void affine_grads(int B, int GH, const float *da, const float *y, double *d_gamma, double *d_beta) {
-    for (int b = 0; b < B; b++) {
-        const float *restrict dar = da + (int64_t)b * GH, *restrict yr = y + (int64_t)b * GH;
-        for (int j = 0; j < GH; j++) {
-            d_gamma[j] += (double)(dar[j] * yr[j]);
-            d_beta[j] += (double)dar[j];
-        }
-    }
-}
-
 /* dh (B,P) holds dL/dh_T on entry and dL/dh_0 on exit; dc likewise for the LSTM cell.  d_out (T,B,P) or NULL;
  * zero_rows: B*max(H,P) zeros.  With a projection dh_all (T,B,P) receives dh + d_out per step, dm (B,H) is
- * scratch.  With the affine, da is one step's (B,4H) scratch and d_gamma += sum of da*y, d_beta += sum of da
- * over every row and step, in double. */
+ * scratch.  With d_gamma, d_beta (the affine's gradients, double) the steps sum da*y and da into them over every
+ * row and step, and da is not written. */
 int sequence_backward(const Params *p, int lstm, int64_t T, int64_t P, const Strides *st, float *dh,
                       const float *d_out, float *dc, const float *act, const float *c_all, const float *y_all,
                       const float *s_all, const float *iz, const float *gamma, const float *beta, float *da,
                       float *d_pre, float *u, float *v, const float *w_hh, const float *w_hr, float *dh_all,
                       float *dm, const float *zero_rows, double *d_gamma, double *d_beta) {
     if (sgemm_ == NULL) return 1;
+    Params q = *p; /* the steps sum the affine's gradients into d_gamma, d_beta (NULL: none) */
+    q.d_gamma = d_gamma;
+    q.d_beta = d_beta;
+    p = &q;
     const int B = (int)p->B, H = (int)p->H, GH = (lstm ? 4 : 1) * H;
     backward_step_fn step = lstm ? lstm_backward_step : rnn_backward_step;
     Weight w = weight(B, (int)P, GH, w_hh, 0), wr = {0};
@@ -143,7 +137,6 @@ int sequence_backward(const Params *p, int lstm, int64_t T, int64_t P, const Str
         step(p, d_kernel, d_out_t, dc, act + t * B * GH, c_all + t * st->c, c_all + (t + 1) * st->c,
              y_all + t * st->y, s_all + t * st->s, iz + t * st->iz, gamma, beta, da + t * st->da,
              d_pre + t * B * GH, u, v);
-        if (d_gamma != NULL) affine_grads(B, GH, da + t * st->da, y_all + t * st->y, d_gamma, d_beta);
         mm_weight(B, d_pre + t * B * GH, &w, 0.0f, dh);
     }
     release(&w);
@@ -183,13 +176,16 @@ int gru_sequence_backward(const Params *p, int64_t T, const Strides *st, float *
                           float *d_pre, float *d_gh, float *u, float *v, const float *w_hh, const float *zero_rows,
                           float *dh_direct, double *d_gamma, double *d_beta) {
     if (sgemm_ == NULL) return 1;
+    Params q = *p; /* the steps sum the affine's gradients into d_gamma, d_beta (NULL: none) */
+    q.d_gamma = d_gamma;
+    q.d_beta = d_beta;
+    p = &q;
     const int B = (int)p->B, H = (int)p->H, GH = 3 * H;
     Weight w = weight(B, H, GH, w_hh, 0);
     for (int64_t t = T - 1; t >= 0; t--) {
         gru_backward_step(p, dh, d_out != NULL ? d_out + t * B * H : zero_rows, dh_direct, act + t * B * GH,
                           h_all + t * B * H, ghn_all + t * B * H, y_all + t * st->y, s_all + t * st->s,
                           iz + t * st->iz, gamma, beta, da + t * st->da, d_pre + t * B * GH, d_gh + t * B * GH, u, v);
-        if (d_gamma != NULL) affine_grads(B, GH, da + t * st->da, y_all + t * st->y, d_gamma, d_beta);
         memcpy(dh, dh_direct, sizeof(float) * B * H);
         mm_weight(B, d_gh + t * B * GH, &w, 1.0f, dh);
     }

@@ -102,7 +102,7 @@ static void gate_forward(const Params *p, const float *x, float *mu, float *var,
 
 /* One gate of one row, in place: d (dL/dz on entry) -> dL/dx.  Stores da (affine), updates u, v in training. */
 static void gate_backward(const Params *p, float *d, const float *y, const float *s, const float *iz,
-                          const float *gamma, const float *beta, float *da, float *u, float *v) {
+                          const float *gamma, const float *beta, float *da, float *u, float *v, int64_t feature) {
     const int64_t H = p->H;
     if (p->norm == NORM_NONE) return;
     if (p->norm == NORM_ONLINE && p->ecm == ECM_LS) { /* eq. 10 */
@@ -118,7 +118,14 @@ static void gate_backward(const Params *p, float *d, const float *y, const float
             d[j] = fabsf(a) < c ? d[j] : 0.0f;
         }
     }
-    if (p->affine) {
+    if (p->affine && p->d_gamma != NULL) { /* summed here, where da and y are at hand: da is not stored */
+        double *restrict dg = p->d_gamma + feature, *restrict db = p->d_beta + feature;
+        for (int64_t j = 0; j < H; j++) {
+            dg[j] += (double)(d[j] * y[j]);
+            db[j] += (double)d[j];
+            d[j] *= gamma[j];
+        }
+    } else if (p->affine) {
         for (int64_t j = 0; j < H; j++) {
             da[j] = d[j];
             d[j] *= gamma[j];
@@ -218,7 +225,7 @@ void lstm_backward_step(const Params *p, const float *dh, const float *d_out, fl
     for (int k = 0; k < 4; k++)
         for (int64_t b = 0; b < B; b++)
             gate_backward(p, dx + b * GH + k * H, y + b * GH + k * H, s + b * GH + k * H, iz + b * 4 + k,
-                          gamma + k * H, beta + k * H, da + b * GH + k * H, u + k * H, v + k * H);
+                          gamma + k * H, beta + k * H, da + b * GH + k * H, u + k * H, v + k * H, k * H);
 }
 
 void rnn_forward_step(const Params *p, const float *pre, const float *c_prev, float *c_next, float *h_next,
@@ -253,7 +260,7 @@ void rnn_backward_step(const Params *p, const float *dh, const float *d_out, flo
             float dhj = dhr[j] + dor[j];
             dz[j] = p->relu ? (h[j] > 0.0f ? dhj : 0.0f) : dhj * (1.0f - h[j] * h[j]);
         }
-        gate_backward(p, dx + row, y + row, s + row, iz + b, gamma, beta, da + row, u, v);
+        gate_backward(p, dx + row, y + row, s + row, iz + b, gamma, beta, da + row, u, v, 0);
     }
 }
 
@@ -303,14 +310,14 @@ void gru_backward_step(const Params *p, const float *dh, const float *d_out, flo
             dh_direct[hrow + j] = dht * z[j];
         }
         gate_backward(p, dn, y + row + 2 * H, s + row + 2 * H, iz + b * 3 + 2, gamma + 2 * H, beta + 2 * H,
-                      da + row + 2 * H, u + 2 * H, v + 2 * H); /* dn -> dL/da_n */
+                      da + row + 2 * H, u + 2 * H, v + 2 * H, 2 * H); /* dn -> dL/da_n */
         for (int64_t j = 0; j < H; j++) {
             dg[2 * H + j] = dn[j] * r[j];
             dr[j] = dn[j] * ghn[hrow + j] * r[j] * (1.0f - r[j]);
         }
         for (int k = 0; k < 2; k++)
             gate_backward(p, dr + k * H, y + row + k * H, s + row + k * H, iz + b * 3 + k, gamma + k * H,
-                          beta + k * H, da + row + k * H, u + k * H, v + k * H);
+                          beta + k * H, da + row + k * H, u + k * H, v + k * H, k * H);
         for (int64_t j = 0; j < 2 * H; j++) dg[j] = dr[j];
     }
 }

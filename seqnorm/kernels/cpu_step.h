@@ -8,6 +8,7 @@ typedef struct {
     int32_t norm, ecm, affine, training, relu;
     float alpha, eps, ls_eps, clamp_value, beta_b; /* beta_b = 1 - alpha_bkw */
     float v_decay_min;                             /* floor on v's decay; -FLT_MAX for none */
+    double *d_gamma, *d_beta; /* NULL, or the affine's gradients, summed into by the backward (cpu_sequence.c) */
 } Params;
 
 void lstm_forward_step(const Params *p, const float *pre, const float *c_prev, float *c_next, float *h_next,

@@ -38,7 +38,8 @@ class Params(ctypes.Structure):
     _fields_ = [("B", ctypes.c_int64), ("H", ctypes.c_int64), ("norm", ctypes.c_int32), ("ecm", ctypes.c_int32),
                 ("affine", ctypes.c_int32), ("training", ctypes.c_int32), ("relu", ctypes.c_int32),
                 ("alpha", ctypes.c_float), ("eps", ctypes.c_float), ("ls_eps", ctypes.c_float),
-                ("clamp_value", ctypes.c_float), ("beta_b", ctypes.c_float), ("v_decay_min", ctypes.c_float)]
+                ("clamp_value", ctypes.c_float), ("beta_b", ctypes.c_float), ("v_decay_min", ctypes.c_float),
+                ("d_gamma", ctypes.c_void_p), ("d_beta", ctypes.c_void_p)]  # set by the C time loop only
 
 
 class Strides(ctypes.Structure):
@@ -181,9 +182,9 @@ class CPUStep:
                           dh_all, dm, d_gamma=None, d_beta=None):
         """All T steps of ``recurrence.fused_backward`` (t = T-1..0) in one call; ``dh``, ``dc`` updated to
         dL/d(h0, c0) in place.  With ``d_gamma``, ``d_beta`` (float64, 4H zeros) the affine's gradients are summed
-        into them and ``da`` is one step's scratch."""
+        into them and ``da`` is not written (a placeholder)."""
         T, P = act.shape[0], dh.shape[-1]
-        da_stride = 0 if d_gamma is not None else _stride(da)  # summed per step: one step's scratch
+        da_stride = 0 if d_gamma is not None else _stride(da)  # summed in the loop: da not written
         strides = Strides(_stride(c_all), _stride(y), _stride(s), _stride(iz), da_stride, _stride(act))
         status = library().sequence_backward(
             self.params, self.lstm, ctypes.c_int64(T), ctypes.c_int64(P), ctypes.byref(strides), _ptr(dh),

@@ -102,9 +102,8 @@ def fused_backward(spec, saved, d_out, d_hn, d_cn, w_hh, gamma, beta, w_hr, u, v
     dm = None if wr is None else torch.empty(B, H, dtype=dtype, device=device)
     d_gamma = d_beta = None
     if getattr(kernel, "native", False):  # the C time loop (cpu_sequence.c): one call, the affine's sums inside
-        da = torch.empty(B, GH, dtype=torch.float32, device=device) if affine else none
         sums = torch.zeros(2, GH, dtype=torch.float64, device=device) if affine else (None, None)
-        kernel.backward_sequence(dh, d_out, dc, act, c_all, y_all, s_all, iz, g, b, da, d_pre, u, v, w.contiguous(),
+        kernel.backward_sequence(dh, d_out, dc, act, c_all, y_all, s_all, iz, g, b, none, d_pre, u, v, w.contiguous(),
                                  None if wr is None else wr.contiguous(), dh_all, dm, *sums)
         if affine:
             d_gamma, d_beta = sums[0].float(), sums[1].float()
@@ -199,10 +198,9 @@ def gru_backward(spec, saved, d_out, w_hh, gamma, beta, u, v, make_step):
     d_out = None if d_out is None else d_out.float().contiguous()
     d_gamma = d_beta = None
     if getattr(kernel, "native", False):
-        da = torch.empty(B, GH, device=device) if affine else none
         sums = torch.zeros(2, GH, dtype=torch.float64, device=device) if affine else (None, None)
-        kernel.gru_backward_sequence(dh, d_out, h_all, act, ghn_all, y_all, s_all, iz, g, b, da, d_pre, d_gh, u, v, w,
-                                     dh_direct, *sums)
+        kernel.gru_backward_sequence(dh, d_out, h_all, act, ghn_all, y_all, s_all, iz, g, b, none, d_pre, d_gh, u, v,
+                                     w, dh_direct, *sums)
         if affine:
             d_gamma, d_beta = sums[0].float(), sums[1].float()
     else:
