@@ -210,6 +210,28 @@ def print_row(row):
         print(f"  graphed online / graphed {base}: {fmt(row['graphed_online_vs_graphed_torch'], '.2f')}")
 
 
+def markdown(results) -> str:
+    """One table, a row per config and cell: fwd+bwd ms and ratio to torch.nn for each candidate that ran, then
+    forward-only (eval) ms and ratio."""
+    lines = ["| config (T, B, H) | cell | torch.nn | online | layer | none | online, per-step loop | "
+             "online, torch path | online / none | forward (eval): torch.nn | online | none |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in results:
+        name = row["cell"].upper()
+        sec, fwd, ratio = row["seconds"], row["forward_seconds"], row["ratio_vs_torch"]
+        cell = lambda label: (f"{sec[label] * 1e3:.2f} ({ratio[label]:.2f}x)"  # noqa: E731
+                              if label in sec else "—")
+        fcell = lambda label: (f"{fwd[label] * 1e3:.2f} ({row['forward_ratio_vs_torch'][label]:.2f}x)"  # noqa: E731
+                               if label in fwd else "—")
+        on, base = f"seqnorm.{name}(online)", f"torch.nn.{name}"
+        lines.append(f"| {row['config']} ({row['T']}, {row['B']}, {row['H']}) | {row['cell']} | "
+                     f"{sec[base] * 1e3:.2f} | {cell(on)} | {cell(f'seqnorm.{name}(layer)')} | "
+                     f"{cell(f'seqnorm.{name}(none)')} | {cell(f'{on} per-step loop')} | {cell(f'{on} torch path')} | "
+                     f"{row['online_over_none']:.2f} | {fwd[base] * 1e3:.2f} | {fcell(on)} | "
+                     f"{fcell(f'seqnorm.{name}(none)')} |")
+    return "\n".join(lines) + "\n"
+
+
 def cpu_model() -> str | None:
     try:
         with open("/proc/cpuinfo") as f:
@@ -228,6 +250,7 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--out", default=None, help="write results JSON here")
+    parser.add_argument("--markdown", default=None, help="write the docs table (markdown) here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -238,6 +261,9 @@ def main(argv=None):
             "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}
     print(meta)
     results = run(args.configs, args.cells, args.min_reps, args.max_seconds, device, getattr(torch, args.dtype))
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(results))
     if args.out:
         import os
 
