@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from lm.config import WARMUPS
 from lm.presets import COMMON, LSTM_ALPHAS
 from lm.train import TrainConfig, TrainingDiverged, train
 
@@ -27,11 +28,11 @@ from lm.train import TrainConfig, TrainingDiverged, train
 LRS = {"online": (3.25, 6.5, 13.0), "layer": (1.625, 3.25, 6.5), "none": (1.75, 3.5, 7.0)}
 
 
-def config(norm: str, lr: float, out: Path, data, seed: int) -> TrainConfig:
+def config(norm: str, lr: float, out: Path, data, seed: int, warmup: str) -> TrainConfig:
     cell = "gru-cudnn" if norm == "none" else "gru"
     alphas = dict(zip(("alpha_fwd", "alpha_bkw"), LSTM_ALPHAS)) if norm == "online" else {}
     return TrainConfig(**{**COMMON, "cell": cell, "norm": norm, "lr": lr, "epochs": 1, "seed": seed, "data": data,
-                          "out": str(out / f"{norm}-lr{lr:g}"), **alphas})
+                          "out": str(out / f"{norm}-lr{lr:g}"), "warmup": warmup, **alphas})
 
 
 def jobs(norms):
@@ -42,7 +43,7 @@ def run(args) -> None:
     torch.set_num_threads(args.threads)
     k, n = (int(x) for x in args.worker.split("/"))
     for norm, lr in jobs(args.norms)[k::n]:
-        cfg = config(norm, lr, Path(args.out), args.data, args.seed)
+        cfg = config(norm, lr, Path(args.out), args.data, args.seed, args.warmup)
         if (Path(cfg.out) / "summary.json").exists() or (Path(cfg.out) / "diverged.json").exists():
             continue
         try:
@@ -78,6 +79,8 @@ def main() -> None:
     p.add_argument("--data")
     p.add_argument("--norms", nargs="+", default=list(LRS), choices=list(LRS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", default=TrainConfig.warmup, choices=WARMUPS, help="the robust start (default: the "
+                   "trainer's)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--worker", default="0/1", help="K/N: run every N-th job starting at K")
     p.add_argument("--summarize", action="store_true", help="only write OUT/table.md from the finished runs")
