@@ -77,7 +77,7 @@ class TrainConfig:
     lr_decay: float = 1.0
     weight_decay: float = 1e-6
     clip: float | None = None
-    warmup: str = "truncate"  # the robust start (lm/robust_start.py); "none" with adaptive_clip None: as written
+    warmup: str = "undo"  # the robust start (lm/robust_start.py); "none" with adaptive_clip None: as written
     warmup_steps: int = 300
     warmup_from: int = 32
     retry_factor: float = 10.0

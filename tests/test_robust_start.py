@@ -244,7 +244,7 @@ def test_the_warmups_change_what_they_say(corpus_dir, tmp_path):
 def test_as_written_flag_and_its_conflicts(capsys):
     parse = build_parser().parse_args
     preset = train_config(parse(["train", "--preset", "paper-lstm-online"]))
-    assert (preset.warmup, preset.adaptive_clip, preset.clip) == ("truncate", None, None)  # the robust start
+    assert (preset.warmup, preset.adaptive_clip, preset.clip) == ("undo", None, None)  # the robust start
     written = train_config(parse(["train", "--preset", "paper-lstm-online", "--as-written"]))
     assert (written.warmup, written.adaptive_clip, written.lr) == ("none", None, 6.5)
     both = train_config(parse(["train", "--as-written", "--clip", "5"]))  # clipping is a setting, not the start
