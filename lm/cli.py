@@ -42,7 +42,8 @@ def add_train_parser(sub):
                        "(--nproc_per_node N, one or more hosts) it trains data-parallel: gloo on CPU, nccl on "
                        "CUDA, --batch-size split over the processes, statistics reconciled for validation and "
                        "checkpoints, files written by rank 0.")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="one of the paper's six configurations")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="one of the paper's six configurations, or a GRU "
+                   "preset (gru-online, gru-layer, gru-none; not in the paper)")
     p.add_argument("--resume", action="store_true", help="continue exactly from OUT/last.pt if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add(p, "--data", name="data", help=DATA_HELP)
@@ -195,7 +196,8 @@ def add_compare_parser(sub):
                        description=COMPARE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help=DATA_HELP)
     p.add_argument("--out", default="runs/compare", help="output folder (default: runs/compare)")
-    p.add_argument("--cells", nargs="+", default=["lstm", "rnn"], choices=("lstm", "rnn"), help="(default: lstm rnn)")
+    p.add_argument("--cells", nargs="+", default=["lstm", "rnn"], choices=("lstm", "rnn", "gru"),
+                   help="(default: lstm rnn; gru: the GRU presets, which the paper does not have)")
     p.add_argument("--norms", nargs="+", default=list(NORMS), choices=NORMS, help="(default: online layer none)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="(default: 0)")
     p.add_argument("--epochs", type=int, help="override the presets' epochs")

@@ -126,8 +126,21 @@ def summarize(runs: list[dict]) -> dict:
                                                 if h["event"] == "epoch"]),
                        "diverged": sum(r["preset"] == name and r["status"] == "diverged" for r in runs),
                        "steps": sorted({r["steps"] for r in done}),
-                       "paper_valid": dict(zip(("median", "min", "max"), PRESETS[name].paper_valid_ppl))}
+                       "paper_valid": _paper(PRESETS[name].paper_valid_ppl)}
     return table
+
+
+def _family(preset: str) -> str:
+    """'lstm', 'rnn' or 'gru': the cell family of a preset."""
+    return PRESETS[preset].cell.split("-")[0]
+
+
+def _kind(cell: str) -> str:
+    return "GRU presets, not in the paper" if cell == "gru" else "paper presets"
+
+
+def _paper(figures) -> dict | None:
+    return None if figures is None else dict(zip(("median", "min", "max"), figures))
 
 
 def _fmt(s: dict | None) -> str:
@@ -169,14 +182,15 @@ def plot_validation(runs: list[dict], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    cells = list(dict.fromkeys(r["preset"].split("-")[1] for r in runs))
+    cells = list(dict.fromkeys(_family(r["preset"]) for r in runs))
     fig, axes = plt.subplots(1, len(cells), figsize=(6 * len(cells), 4.5), squeeze=False)
-    colors = {name: f"C{k}" for k, name in enumerate(dict.fromkeys(r["preset"].split("-")[2] for r in runs))}
+    colors = {name: f"C{k}" for k, name in enumerate(dict.fromkeys(PRESETS[r["preset"]].norm for r in runs))}
     finite = [h["valid_ppl"] for r in runs if r["status"] == "finished" for h in r["history"]]
     top = min(max(finite, default=OFF_SCALE), OFF_SCALE)
     for ax, cell in zip(axes[0], cells):
-        for r in (r for r in runs if r["preset"].split("-")[1] == cell):
-            norm, label = r["preset"].split("-")[2], f"{r['preset'].split('-', 1)[1]} seed {r['seed']}"
+        for r in (r for r in runs if _family(r["preset"]) == cell):
+            norm = PRESETS[r["preset"]].norm
+            label = f"{cell}-{norm} seed {r['seed']}"
             style = dict(color=colors[norm], linestyle=("-", "--", ":", "-.")[r["seed"] % 4])
             if r["status"] == "diverged":
                 ax.axvline(r.get("step", 0), **style, label=f"{label}: diverged at step {r.get('step')}")
@@ -187,7 +201,7 @@ def plot_validation(runs: list[dict], path: Path) -> bool:
                     label=label + (f" (× above {top:.0e}, off scale)" if off else ""))
             ax.plot([s for s, v in zip(steps, ppl) if v > top], [top] * sum(v > top for v in ppl), "x",
                     color=colors[norm], markersize=10)
-        ax.set_title(f"PTB {cell.upper()}: validation perplexity per epoch (paper presets)", fontsize=10)
+        ax.set_title(f"PTB {cell.upper()}: validation perplexity per epoch ({_kind(cell)})", fontsize=10)
         ax.set_xlabel("training step (optimizer updates)")
         ax.set_ylabel("validation perplexity (corpus, log scale)")
         ax.set_yscale("log")

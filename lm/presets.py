@@ -22,7 +22,7 @@ class Preset:
     epochs: int
     alpha_fwd: float | None
     alpha_bkw: float | None
-    paper_valid_ppl: tuple[float, float, float]  # median, min, max
+    paper_valid_ppl: tuple[float, float, float] | None  # median, min, max; None: not in the paper (the GRU)
 
     def train_fields(self) -> dict:
         """The TrainConfig fields this preset sets."""
@@ -45,9 +45,20 @@ PRESETS = {
 }
 
 
+# The paper has no GRU: same shared settings, learning rates from a 1-epoch sweep of 3-4 rates per norm
+# (benchmarks/gru_lr_sweep.py, docs/gru.md), the LSTM's Online Normalization decays, 25 epochs as the LSTM.
+GRU_PRESETS = {
+    "gru-online": Preset("gru", "online", 3.25, 25, *LSTM_ALPHAS, None),
+    "gru-layer": Preset("gru", "layer", 1.625, 25, None, None, None),
+    "gru-none": Preset("gru-cudnn", "none", 3.5, 25, None, None, None),
+}
+PRESETS.update(GRU_PRESETS)
+
+
 def preset_name(cell: str, norm: str) -> str:
-    """The preset for a (cell family, norm) pair: 'lstm'/'lstm-cudnn' -> 'paper-lstm-…'."""
-    return f"paper-{cell.split('-')[0]}-{norm}"
+    """The preset for a (cell family, norm) pair: 'lstm'/'lstm-cudnn' -> 'paper-lstm-…', 'gru' -> 'gru-…'."""
+    family = cell.split("-")[0]
+    return f"{family}-{norm}" if family == "gru" else f"paper-{family}-{norm}"
 
 
 def get_preset(name: str) -> Preset:

@@ -223,7 +223,9 @@ def test_sentencepiece_training_end_to_end(corpus_dir, tmp_path):
 
 
 def test_presets_follow_the_paper():
-    assert set(PRESETS) == {f"paper-{c}-{n}" for c in ("lstm", "rnn") for n in ("online", "layer", "none")}
+    norms = ("online", "layer", "none")
+    assert set(PRESETS) == {f"paper-{c}-{n}" for c in ("lstm", "rnn") for n in norms} | {f"gru-{n}" for n in norms}
+    assert all(PRESETS[f"gru-{n}"].paper_valid_ppl is None for n in norms)  # the paper has no GRU
     on = TrainConfig(**get_preset("paper-lstm-online").train_fields())
     assert (on.lr, on.epochs, on.bptt, on.bptt_mode, on.batch_size, on.weight_decay, on.clip) == \
            (6.5, 25, 128, "random", 20, 1e-6, None)
@@ -293,8 +295,22 @@ def test_compare_never_relabels_a_run_with_other_settings(corpus_dir, tmp_path):
     grid = dict(data=str(corpus_dir), cells=("rnn",), norms=("none",), seeds=(0,), progress=False, epochs=1)
     first = compare.run_grid(tmp_path / "cmp", **grid, overrides=AS_WRITTEN)
     with pytest.raises(ValueError, match=r"holds a run with other settings \(warmup 'none' there, "
-                                         r"'truncate' here\); use another --out"):
+                                         r"'undo' here\); use another --out"):
         compare.run_grid(tmp_path / "cmp", **grid)
     longer = compare.run_grid(tmp_path / "cmp", **{**grid, "epochs": 2}, overrides=AS_WRITTEN)
     (a,), (b,) = first["runs"], longer["runs"]
     assert b["epochs_completed"] == 2 and b["history"][0] == a["history"][0]  # continued, not retrained
+
+
+def test_compare_takes_the_gru_presets(corpus_dir, tmp_path):
+    """--cells gru: the GRU presets (gru-online, gru-none: seqnorm.GRU and torch.nn.GRU), no paper figure, a plot
+    of their own."""
+    results = compare.run_grid(tmp_path / "cmp", data=str(corpus_dir), cells=("gru", "lstm"), norms=("online", "none"),
+                               seeds=(0,), max_steps=2, progress=False, epochs=1)
+    assert set(results["table"]) == {"gru-online", "gru-none", "paper-lstm-online", "paper-lstm-none"}
+    assert results["table"]["gru-online"]["paper_valid"] is None
+    assert [r["config"]["cell"] for r in results["runs"][:2]] == ["gru", "gru-cudnn"]
+    assert [r["config"]["lr"] for r in results["runs"][:2]] == [3.25, 3.5]
+    md = (tmp_path / "cmp" / "results.md").read_text()
+    assert "| gru-online | 1 |" in md and "113.4" in md
+    assert (tmp_path / "cmp" / "valid_ppl.png").exists()
