@@ -99,14 +99,15 @@ def _forward_statistics(cfg) -> set[str]:
     return {k for k in names if k.endswith(("running_mean", "running_var"))}
 
 
-def test_retry_that_never_fires_is_the_run_as_written_bit_for_bit(corpus_dir, tmp_path):
-    """Every watched step with no yardstick yet is computed twice (full, then truncated) and the full one kept:
-    the state it restores must be exactly the state as written."""
+@pytest.mark.parametrize("warmup,factor", [("retry", dict(retry_factor=1e9)), ("undo", dict(undo_factor=1e30))])
+def test_a_retaking_start_that_never_fires_is_the_run_as_written_bit_for_bit(corpus_dir, tmp_path, warmup, factor):
+    """retry computes each watched step with no yardstick yet twice (full, then truncated) and keeps the full one;
+    undo runs a trial forward after each watched update: the state either puts back must be exactly as written."""
     written, _ = _run_steps(small(corpus_dir, tmp_path / "w", warmup="none"), 30)
-    retry, summary = _run_steps(small(corpus_dir, tmp_path / "r", warmup="retry", retry_factor=1e9), 30)
+    started, summary = _run_steps(small(corpus_dir, tmp_path / "s", warmup=warmup, **factor), 30)
     assert summary["history"][-1]["retries"] == 0
     for k in written:
-        assert torch.equal(written[k], retry[k]), k
+        assert torch.equal(written[k], started[k]), k
 
 
 def test_a_retried_step_is_the_step_with_a_truncated_backward(corpus_dir, tmp_path):
@@ -127,15 +128,6 @@ def test_a_retried_step_is_the_step_with_a_truncated_backward(corpus_dir, tmp_pa
         assert torch.equal(retry[k], truncated[k]), k
         if k in buffers:  # the forward's statistics
             assert torch.equal(retry[k], written[k]), k
-
-
-def test_undo_that_never_fires_is_the_run_as_written_bit_for_bit(corpus_dir, tmp_path):
-    """Every watched step runs a trial forward after its update; the state it puts back must be exact."""
-    written, _ = _run_steps(small(corpus_dir, tmp_path / "w", warmup="none"), 30)
-    undo, summary = _run_steps(small(corpus_dir, tmp_path / "u", warmup="undo", undo_factor=1e30), 30)
-    assert summary["history"][-1]["retries"] == 0
-    for k in written:
-        assert torch.equal(written[k], undo[k]), k
 
 
 def test_an_undone_update_is_retaken_with_a_truncated_backward(corpus_dir, tmp_path):
