@@ -73,7 +73,7 @@ def add_train_parser(sub):
     p.add_argument("--as-written", action="store_true", help="no robust start (--warmup none, no adaptive clip): "
                    "the settings exactly as given, e.g. the paper's presets as printed; a long first segment can "
                    "then blow up a normalized run at initialization")
-    _add(p, "--warmup", name="warmup", choices=WARMUPS, help="robust start: truncate backpropagation through time "
+    _add(p, "--warmup", name="warmup", choices=WARMUPS, help="robust start: truncate backpropagation (truncate) "
          "(or cap the segments: bptt, or ramp the lr: lr) for the first --warmup-steps steps; or retake a step "
          "with a truncated backward when its gradient explodes (retry) or when its update damaged the model (undo)")
     _add(p, "--warmup-steps", name="warmup_steps", type=int, help="length of the warm-up in optimizer steps")
