@@ -49,4 +49,5 @@ def reconcile(rank, world, port, out, plain_ddp):
     reconciled = _gather(_state(model))
     torch.save({"after_backward": after_backward, "after_forward": after_forward, "reconciled": reconciled},
                os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()  # both ranks done before either tears gloo down (a race there aborted a rank at exit)
     dist.destroy_process_group()
