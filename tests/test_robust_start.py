@@ -110,6 +110,20 @@ def test_a_retaking_start_that_never_fires_is_the_run_as_written_bit_for_bit(cor
         assert torch.equal(written[k], started[k]), k
 
 
+def _assert_is_the_truncated_step(state, corpus_dir, tmp_path, kw):
+    """``state`` after one retaken step equals the truncation warm-up's first step (backward cut at warmup_from,
+    K(0)), and its forward statistics equal the run as written's (the same forward)."""
+    truncated, _ = _run_steps(small(corpus_dir, tmp_path / "t", warmup="truncate", **kw), 1)
+    written, _ = _run_steps(small(corpus_dir, tmp_path / "w", warmup="none", **kw), 1)
+    assert any(not torch.equal(written[k], truncated[k]) for k in written if "weight" in k)
+    buffers = _forward_statistics(small(corpus_dir, tmp_path / "b"))
+    assert buffers
+    for k in state:
+        assert torch.equal(state[k], truncated[k]), k
+        if k in buffers:
+            assert torch.equal(state[k], written[k]), k
+
+
 def test_a_retried_step_is_the_step_with_a_truncated_backward(corpus_dir, tmp_path):
     """A retry forced at step 0 (the guard's factor set near 0): the update must equal the truncation warm-up's
     first step (backward cut at warmup_from) and the forward statistics the run as written's (same forward)."""
@@ -119,15 +133,7 @@ def test_a_retried_step_is_the_step_with_a_truncated_backward(corpus_dir, tmp_pa
     summary = trainer.run()
     retry = trainer.model.state_dict()
     assert summary["history"][-1]["retries"] == 1
-    truncated, _ = _run_steps(small(corpus_dir, tmp_path / "t", warmup="truncate", **kw), 1)  # K(0) = warmup_from
-    written, _ = _run_steps(small(corpus_dir, tmp_path / "w", warmup="none", **kw), 1)
-    assert any(not torch.equal(written[k], truncated[k]) for k in written if "weight" in k)
-    buffers = _forward_statistics(small(corpus_dir, tmp_path / "b"))
-    assert buffers
-    for k in retry:
-        assert torch.equal(retry[k], truncated[k]), k
-        if k in buffers:  # the forward's statistics
-            assert torch.equal(retry[k], written[k]), k
+    _assert_is_the_truncated_step(retry, corpus_dir, tmp_path, kw)
 
 
 def test_an_undone_update_is_retaken_with_a_truncated_backward(corpus_dir, tmp_path):
@@ -137,15 +143,7 @@ def test_an_undone_update_is_retaken_with_a_truncated_backward(corpus_dir, tmp_p
     kw = dict(lr=300.0, bptt_mode="fixed")
     undo, summary = _run_steps(small(corpus_dir, tmp_path / "u", warmup="undo", **kw), 1)
     assert summary["history"][-1]["retries"] == 1
-    truncated, _ = _run_steps(small(corpus_dir, tmp_path / "t", warmup="truncate", **kw), 1)  # K(0) = warmup_from
-    written, _ = _run_steps(small(corpus_dir, tmp_path / "w", warmup="none", **kw), 1)
-    assert any(not torch.equal(written[k], truncated[k]) for k in written if "weight" in k)
-    buffers = _forward_statistics(small(corpus_dir, tmp_path / "b"))
-    assert buffers
-    for k in undo:
-        assert torch.equal(undo[k], truncated[k]), k
-        if k in buffers:
-            assert torch.equal(undo[k], written[k]), k
+    _assert_is_the_truncated_step(undo, corpus_dir, tmp_path, kw)
 
 
 @pytest.mark.parametrize("cell,norm", [("lstm-cudnn", "none"), ("lstm", "online"), ("rnn", "layer")])
