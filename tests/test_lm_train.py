@@ -258,6 +258,7 @@ def test_compare_grid_writes_table_and_resumes(corpus_dir, tmp_path, monkeypatch
             assert row["valid_mean_batch_exp"]["median"] >= row["valid"]["median"] * (1 - 1e-9)
             epochs = [h["time_s"] for r in runs for h in r["history"] if h["event"] == "epoch"]
             assert row["epoch_seconds"]["n"] == len(epochs) and row["epoch_seconds"]["max"] == max(epochs)
+            assert row["retaken"] == sum(h["retries"] for r in runs for h in r["history"] if h["event"] == "epoch")
     assert json.loads((tmp_path / "cmp" / "results.json").read_text())["table"] == json.loads(json.dumps(table))
     assert (tmp_path / "cmp" / "valid_ppl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # matplotlib is in [dev]
     calls = []
