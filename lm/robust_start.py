@@ -29,17 +29,24 @@ The measures, each a ``TrainConfig`` field (``--as-written`` turns all off):
   update just taken, and an update that multiplied the segment's perplexity by
   more than ``undo_factor`` (100; its loss rose by more than log 100) is undone
   (weights, statistics, random state) and taken again with the backward
-  truncated at ``warmup_from`` steps.  It acts on damage done, not on a large
-  gradient: the same gradient norm throws one preset away and not another (the
-  learning rates differ).  A run that never undoes is bit for bit as written.
+  truncated at ``warmup_from`` steps.  From the first undone update on, the
+  rest of the warm-up truncates every backward as ``"truncate"`` does (K(step)):
+  a run that needed one undo is one whose gradients explode through time, and
+  the next long segment would explode again (seed 6 of the ON-LSTM: the step
+  after the undone one had a gradient norm of 61, and two steps later an update
+  multiplied its segment's perplexity by 63, under the factor, and the run was at
+  valid perplexity 15,000 after 40 steps).  It acts on damage done, not on a
+  large gradient: the same gradient norm throws one preset away and not another
+  (the learning rates differ).  A run that never undoes is bit for bit as written.
 - ``adaptive_clip=k``: the global gradient norm is clipped at k times the
   median of the last ``clip_window`` norms, so it is scale-free across presets
   and leaves healthy steps alone (``AdaptiveClip``; inactive until it has seen
   ``clip_window // 4`` norms, since a median of fewer says little).
 
-The warm-ups but retry are functions of the step count (undo decides within a
-step), so resuming is exact with no extra state; the recent norms of the retry
-guard and of the adaptive clip are saved in ``last.pt``.
+The warm-ups but retry and undo are functions of the step count, so resuming
+is exact with no extra state; the recent norms of the retry guard and of the
+adaptive clip, and the step of undo's first undone update, are saved in
+``last.pt``.
 """
 from __future__ import annotations
 
@@ -59,9 +66,11 @@ def ramp_length(step: int, steps: int, start: int, end: int) -> int | None:
     return k if k < end else None
 
 
-def truncation(cfg, step: int) -> int | None:
-    """How many time steps the backward of step ``step`` may reach (None: the whole segment)."""
-    return ramp_length(step, cfg.warmup_steps, cfg.warmup_from, cfg.bptt) if cfg.warmup == "truncate" else None
+def truncation(cfg, step: int, undone: bool = False) -> int | None:
+    """How many time steps the backward of step ``step`` may reach (None: the whole segment): the ramp K(step)
+    under ``warmup="truncate"``, and under ``warmup="undo"`` once an update has been undone (``undone``)."""
+    ramped = cfg.warmup == "truncate" or (cfg.warmup == "undo" and undone)
+    return ramp_length(step, cfg.warmup_steps, cfg.warmup_from, cfg.bptt) if ramped else None
 
 
 def watched(cfg, step: int, segment_length: int) -> bool:

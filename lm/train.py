@@ -127,6 +127,7 @@ class Trainer:
         self.guard = (robust_start.RetryGuard(cfg.retry_factor, cfg.warmup_steps, cfg.warmup_from, cfg.clip_window)
                       if cfg.warmup == "retry" else None)
         self.epoch, self.pos, self.step = 0, 0, 0
+        self.first_undo: int | None = None  # warmup="undo": the step of the first undone update
         self.hidden = self.model.init_hidden(self.train_data.shape[1])
         self.sums = {"loss": 0.0, "tokens": 0, "seconds": 0.0}
         self.best = {"valid_ppl": None}
@@ -147,7 +148,8 @@ class Trainer:
                 "step": self.step, "hidden": hidden, "sums": dict(self.sums), "best": dict(self.best),
                 "history": list(self.history), "world_size": self.ranks.world, "rank_states": rank_states,
                 "clip": self.clipper.state_dict() if self.clipper is not None else None,
-                "retry": self.guard.state_dict() if self.guard is not None else None}
+                "retry": self.guard.state_dict() if self.guard is not None else None,
+                "first_undo": self.first_undo}
         return payload
 
     @contextlib.contextmanager
@@ -189,6 +191,7 @@ class Trainer:
             self.clipper.load_state_dict(t["clip"])
         if self.guard is not None and t.get("retry"):
             self.guard.load_state_dict(t["retry"])
+        self.first_undo = t.get("first_undo")
 
     def save(self) -> None:
         with self._reconciled() as own:
@@ -213,7 +216,8 @@ class Trainer:
         self.hidden = detach_hidden(self.hidden)
         watched = robust_start.watched(self.cfg, self.step, x.shape[0])
         before = self._snapshot(params=self.cfg.warmup == "undo") if watched else None
-        value, hidden = self._forward_backward(x, y, robust_start.truncation(self.cfg, self.step))
+        truncate = robust_start.truncation(self.cfg, self.step, undone=self.first_undo is not None)
+        value, hidden = self._forward_backward(x, y, truncate)
         norm = self._grad_norm()
         if watched and self.guard is not None:
             norm, hidden = self._retry_if_exploding(x, y, before, norm, hidden)
@@ -226,6 +230,7 @@ class Trainer:
             norm = self._grad_norm()
             self._update()
             self.sums["retries"] = self.sums.get("retries", 0) + 1
+            self.first_undo = self.step if self.first_undo is None else self.first_undo
         self.hidden = hidden
         self.sums["grad_norm_max"] = max(self.sums.get("grad_norm_max", 0.0), norm)
         return value

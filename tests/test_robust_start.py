@@ -41,6 +41,13 @@ def test_each_warmup_acts_only_through_its_own_lever(warmup):
     assert lr == ([0.25, 0.5, 0.75, 1.0, 1.0] if warmup == "lr" else [1.0] * 5)
 
 
+def test_undo_truncates_the_rest_of_the_warmup_once_an_update_was_undone():
+    cfg = TrainConfig(warmup="undo", warmup_steps=4, warmup_from=8, bptt=16)
+    assert [robust_start.truncation(cfg, s) for s in range(5)] == [None] * 5  # nothing undone: as written
+    assert [robust_start.truncation(cfg, s, undone=True) for s in range(5)] == [8, 10, 12, 14, None]
+    assert robust_start.truncation(TrainConfig(warmup="none"), 0, undone=True) is None
+
+
 def _grads(values):
     return [torch.nn.Parameter(torch.zeros(len(v))) for v in values]
 
@@ -146,6 +153,23 @@ def test_an_undone_update_is_retaken_with_a_truncated_backward(corpus_dir, tmp_p
     _assert_is_the_truncated_step(undo, corpus_dir, tmp_path, kw)
 
 
+def test_after_an_undone_update_the_warmup_is_the_truncation_warmup(corpus_dir, tmp_path):
+    """An update undone at step 0 (forced: the damage test itself is tested above) is retaken cut at warmup_from
+    = K(0); the steps after it are truncated at K(step) as warmup="truncate" does, so the two runs are equal, and
+    the run as written, whose steps are not truncated, is not."""
+    kw = dict(bptt_mode="fixed", max_steps=8)  # segments of 12 steps; K = 3, 3, 3, 3, 3, 4, 4, 4
+    trainer = Trainer(small(corpus_dir, tmp_path / "u", warmup="undo", **kw), progress=False)
+    trainer._damaged = lambda x, y, before: trainer.step == 0
+    assert trainer.run()["history"][-1]["retries"] == 1
+    undo = trainer.model.state_dict()
+    truncated, _ = _run_steps(small(corpus_dir, tmp_path / "t", warmup="truncate", **kw), 8)
+    written, _ = _run_steps(small(corpus_dir, tmp_path / "w", warmup="none", **kw), 8)
+    for k in undo:
+        assert torch.equal(undo[k], truncated[k]), k
+    assert any(not torch.equal(undo[k], written[k]) for k in undo if "weight" in k)
+    assert load_checkpoint(tmp_path / "u" / "last.pt")["train"]["first_undo"] == 0
+
+
 @pytest.mark.parametrize("cell,norm", [("lstm-cudnn", "none"), ("lstm", "online"), ("rnn", "layer")])
 def test_truncated_backward_keeps_the_forward_and_cuts_the_gradient(cell, norm):
     torch.manual_seed(0)
@@ -214,6 +238,9 @@ def test_resume_mid_warmup_is_exact(corpus_dir, tmp_path, warmup, adaptive):
         assert len(a["train"]["retry"]["norms"]) == 8
     if warmup in ("retry", "undo"):
         assert sum(r["retries"] for r in full["history"]) > 0
+    if warmup == "undo":  # the cut came after the first undone update: resuming must know the rest is truncated
+        assert saved["first_undo"] is not None and saved["first_undo"] < 17
+        assert a["train"]["first_undo"] == b["train"]["first_undo"] == saved["first_undo"]
 
 
 def test_the_warmups_change_what_they_say(corpus_dir, tmp_path):
