@@ -85,7 +85,8 @@ def add_train_parser(sub):
               "ones (at the first step: its own truncated gradient's norm)")
     _add(p, "--undo-factor", name="undo_factor", type=float,
          help="undo: an update during the warm-up is undone and retaken when it multiplied its own segment's "
-              "perplexity by more than this")
+              "perplexity by more than this; after the first undone update the rest of the warm-up truncates every "
+              "backward as truncate does")
     _add(p, "--adaptive-clip", name="adaptive_clip", type=_optional_float, show_none=True,
          help="clip the gradient norm at this many times the median of the last --clip-window norms, or none")
     _add(p, "--clip-window", name="clip_window", type=int, help="how many recent gradient norms the median takes")
