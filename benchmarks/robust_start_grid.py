@@ -147,8 +147,9 @@ def main() -> None:
     p.add_argument("--worker", default="0/1", help="K/N: run every N-th job starting at K")
     p.add_argument("--summarize", action="store_true", help="only write OUT/table.md from the finished runs")
     args = p.parse_args()
-    if not args.summarize:
+    if not args.summarize:  # a worker's share: the table is written once, by the --summarize call after all
         run(args)
+        return
     table = summarize(args)
     (Path(args.out) / "table.md").write_text(table)
     print(table)
