@@ -22,7 +22,9 @@ continues an interrupted grid; finished runs with the same settings are read
 back, not trained again. Writes results.json, results.md (median/min/max
 validation and test perplexity per configuration, the paper's per-batch
 measure, epoch time, the paper's figure) and, with matplotlib, valid_ppl.png
-(validation perplexity per epoch, one line per run, diverged runs marked)."""
+(validation perplexity per epoch, one line per run, diverged runs marked).
+With --summarize nothing is trained: the table and plot cover the runs
+already finished in OUT and name the ones that are not."""
 
 
 def _add(p, *flags, name, help, show_none=False, **kw):
@@ -210,6 +212,8 @@ def add_compare_parser(sub):
                    "the paper printed them (default: the robust start, docs/robust_start.md)")
     p.add_argument("--device", default="cpu", help="(default: cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--summarize", action="store_true", help="train nothing: the table and plot of the runs already "
+                   "finished (or diverged) in OUT, naming the missing ones (an interim table of a long grid)")
     p.set_defaults(func=cmd_compare)
 
 
@@ -226,11 +230,11 @@ def cmd_compare(args) -> int:
 
     results = compare_mod.run_grid(args.out, args.data, args.cells, args.norms, args.seeds, args.epochs,
                                    args.max_steps, args.device, progress=not args.no_progress,
-                                   overrides=compare_overrides(args))
+                                   overrides=compare_overrides(args), train_missing=not args.summarize)
     if results["status"] == "interrupted":
         print("interrupted; run the same command again to continue the grid", file=sys.stderr)
         return 130
-    print(compare_mod.markdown_table(results["table"]))
+    print(compare_mod.markdown_table(results["table"], results["missing"]))
     print(f"wrote {args.out}/results.json and results.md")
     try:
         import matplotlib  # noqa: F401

@@ -7,7 +7,10 @@ summary.json, not trained or evaluated again.  Writes ``results.json``,
 ``results.md`` (median/min/max valid and test perplexity per configuration,
 the paper's per-batch measure beside it, epoch time, and the paper's figure)
 and, when matplotlib is installed, ``valid_ppl.png`` (validation perplexity
-after each epoch, one line per run; diverged runs marked).
+after each epoch, one line per run; diverged runs marked).  With
+``train_missing=False`` (``--summarize``) nothing is trained: the table and
+plot cover the runs already finished or diverged, and name the ones missing,
+so a grid that takes several sessions has an interim table.
 """
 from __future__ import annotations
 
@@ -24,11 +27,12 @@ from .train import TrainConfig, TrainingDiverged, train
 
 
 def run_grid(out, data=None, cells=("lstm", "rnn"), norms=("online", "layer", "none"), seeds=(0,), epochs=None,
-             max_steps=None, device="cpu", progress=True, overrides=None) -> dict:
+             max_steps=None, device="cpu", progress=True, overrides=None, train_missing=True) -> dict:
     """Train every configuration (presets, shrunk by ``epochs``/``max_steps``; ``overrides``, TrainConfig
-    fields, for all: e.g. ``AS_WRITTEN`` for no robust start) and summarize."""
+    fields, for all: e.g. ``AS_WRITTEN`` for no robust start) and summarize.  ``train_missing=False``: train
+    nothing, summarize the runs recorded in ``out`` and list the others under ``"missing"``."""
     out = Path(out)
-    runs = []
+    runs, missing = [], []
     for cell in cells:
         for norm in norms:
             name = preset_name(cell, norm)
@@ -40,16 +44,22 @@ def run_grid(out, data=None, cells=("lstm", "rnn"), norms=("online", "layer", "n
             base = replace(base, **(overrides or {}))
             for seed in seeds:
                 cfg = replace(base, seed=seed, out=str(out / f"{name}-seed{seed}"))
-                summary = _train_or_diverge(cfg, progress, label=f"{name} seed {seed}")
+                label = f"{name} seed {seed}"
+                summary = _train_or_diverge(cfg, progress, label) if train_missing else _recorded(cfg)
+                if summary is None:
+                    missing.append(label)
+                    continue
                 if summary["status"] == "interrupted":
                     return {"status": "interrupted", "runs": runs}
                 if summary["status"] == "diverged":
                     print(f"{name} seed {seed}: diverged at step {summary.get('step')}", file=sys.stderr)
                 runs.append({"preset": name, "seed": seed, **summary})
-    results = {"status": "finished", "runs": runs, "table": summarize(runs)}
+    if not runs:
+        raise ValueError(f"{out} holds no finished or diverged run of this grid (missing: {', '.join(missing)})")
+    results = {"status": "finished", "runs": runs, "table": summarize(runs), "missing": missing}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown_table(results["table"]))
+    (out / "results.md").write_text(markdown_table(results["table"], missing))
     plot_validation(runs, out / "valid_ppl.png")
     return results
 
@@ -78,12 +88,11 @@ def _check_same_run(saved: dict, cfg: TrainConfig, path: Path) -> dict:
     return diff
 
 
-def _train_or_diverge(cfg: TrainConfig, progress: bool, label: str = "") -> dict:
-    """Train (resuming); a finished run with these settings is reused (continued when the budget grew), a
-    divergence is recorded in ``diverged.json`` and not retried on a rerun.  A folder holding a run with other
-    settings is an error."""
+def _recorded(cfg: TrainConfig) -> dict | None:
+    """The summary of the run in ``cfg.out`` if it diverged, or finished with these settings and budget;
+    None if it is absent, unfinished or finished with a smaller budget.  Other settings are an error."""
     out = Path(cfg.out)
-    marker, done, last = out / "diverged.json", out / "summary.json", out / "last.pt"
+    marker, done = out / "diverged.json", out / "summary.json"
     if marker.exists():
         summary = json.loads(marker.read_text())
         _check_same_run(summary.get("config", json.loads(json.dumps(asdict(cfg)))), cfg, marker)
@@ -92,7 +101,19 @@ def _train_or_diverge(cfg: TrainConfig, progress: bool, label: str = "") -> dict
         summary = json.loads(done.read_text())
         if not _check_same_run(summary.get("config", {}), cfg, done) and summary.get("status") == "finished":
             return summary
-    elif last.exists():
+    return None
+
+
+def _train_or_diverge(cfg: TrainConfig, progress: bool, label: str = "") -> dict:
+    """Train (resuming); a finished run with these settings is reused (continued when the budget grew), a
+    divergence is recorded in ``diverged.json`` and not retried on a rerun.  A folder holding a run with other
+    settings is an error."""
+    summary = _recorded(cfg)
+    if summary is not None:
+        return summary
+    out = Path(cfg.out)
+    marker, last = out / "diverged.json", out / "last.pt"
+    if not (out / "summary.json").exists() and last.exists():
         _check_same_run(load_checkpoint(last)["train_config"], cfg, last)
     try:
         return train(cfg, resume=True, progress=progress, label=label)
@@ -157,7 +178,7 @@ def _median(s: dict | None, digits: int = 1) -> str:
     return "—" if s is None else f"{s['median']:.{digits}f}"
 
 
-def markdown_table(table: dict) -> str:
+def markdown_table(table: dict, missing=()) -> str:
     lines = ["| configuration | runs | steps | valid ppl median (min–max) | valid, per-batch | "
              "test ppl median (min–max) | test, per-batch | steps retaken² | epoch time (s) | paper valid ppl¹ |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -175,7 +196,8 @@ def markdown_table(table: dict) -> str:
         "¹ The paper's median and (min–max) validation perplexity over 25 runs of 25 (LSTM) or 40 (RNN) epochs on "
         "a GPU; a max in the thousands means some of its runs diverged or failed to train.\n"
         "² Updates the robust start undid or retried and retook with a truncated backward, summed over the finished "
-        "runs; with the default start (undo), 0 means every run is the run as written.\n")
+        "runs; with the default start (undo), 0 means every run is the run as written.\n"
+        + (f"\nNot in the table, not finished yet: {', '.join(missing)}.\n" if missing else ""))
 
 
 OFF_SCALE = 2e4  # validation perplexity above this (a blown-up run) is drawn as an x at the top

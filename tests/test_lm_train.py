@@ -303,6 +303,24 @@ def test_compare_never_relabels_a_run_with_other_settings(corpus_dir, tmp_path):
     assert b["epochs_completed"] == 2 and b["history"][0] == a["history"][0]  # continued, not retrained
 
 
+def test_compare_summarize_trains_nothing_and_names_the_missing_runs(corpus_dir, tmp_path, monkeypatch):
+    """--summarize: the table of what is finished (a run of a smaller budget or still running is missing), no
+    training; a grid with nothing finished is an error."""
+    grid = dict(data=str(corpus_dir), cells=("rnn",), norms=("none",), progress=False, epochs=1, max_steps=2)
+    done = compare.run_grid(tmp_path / "cmp", **grid, seeds=(0,))
+    compare.run_grid(tmp_path / "cmp", **{**grid, "max_steps": 1}, seeds=(1,))
+    calls = []
+    monkeypatch.setattr(Trainer, "__init__", lambda self, *a, **k: calls.append(1))
+    results = compare.run_grid(tmp_path / "cmp", **grid, seeds=(0, 1, 2), train_missing=False)
+    assert calls == [] and results["missing"] == ["paper-rnn-none seed 1", "paper-rnn-none seed 2"]
+    assert results["runs"] == done["runs"] and results["table"]["paper-rnn-none"]["valid"]["n"] == 1
+    md = (tmp_path / "cmp" / "results.md").read_text()
+    assert "| paper-rnn-none | 1 |" in md
+    assert "not finished yet: paper-rnn-none seed 1, paper-rnn-none seed 2." in md
+    with pytest.raises(ValueError, match="holds no finished or diverged run of this grid"):
+        compare.run_grid(tmp_path / "cmp", **grid, seeds=(2,), train_missing=False)
+
+
 def test_compare_takes_the_gru_presets(corpus_dir, tmp_path):
     """--cells gru: the GRU presets (gru-online, gru-none: seqnorm.GRU and torch.nn.GRU), no paper figure, a plot
     of their own."""
