@@ -59,7 +59,7 @@ def run_grid(out, data=None, cells=("lstm", "rnn"), norms=("online", "layer", "n
     results = {"status": "finished", "runs": runs, "table": summarize(runs), "missing": missing}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown_table(results["table"], missing))
+    (out / "results.md").write_text(markdown_table(results["table"], missing) + "\n" + runs_table(runs))
     plot_validation(runs, out / "valid_ppl.png")
     return results
 
@@ -198,6 +198,23 @@ def markdown_table(table: dict, missing=()) -> str:
         "² Updates the robust start undid or retried and retook with a truncated backward, summed over the finished "
         "runs; with the default start (undo), 0 means every run is the run as written.\n"
         + (f"\nNot in the table, not finished yet: {', '.join(missing)}.\n" if missing else ""))
+
+
+def runs_table(runs: list[dict]) -> str:
+    """One row per run: validation perplexity after each epoch, the best and its test perplexity, the updates
+    the robust start retook (the numbers behind the plot)."""
+    epochs = max((h["epoch"] for r in runs for h in r.get("history", []) if h["event"] == "epoch"), default=0)
+    lines = ["| run | " + " | ".join(f"epoch {e}" for e in range(1, epochs + 1)) + " | best valid | test | retaken |",
+             "|---" * (epochs + 4) + "|"]
+    for r in runs:
+        if r["status"] != "finished":
+            lines.append(f"| {r['preset']} seed {r['seed']} | diverged at step {r.get('step')} |" + " |" * (epochs + 2))
+            continue
+        ppl = {h["epoch"]: f"{h['valid_ppl']:.1f}" for h in r["history"] if h["event"] == "epoch"}
+        cells = [ppl.get(e, "") for e in range(1, epochs + 1)]
+        lines.append(f"| {r['preset']} seed {r['seed']} | " + " | ".join(cells) +
+                     f" | {r['best_valid_ppl']:.1f} | {r['test_ppl']:.1f} | {_retaken(r)} |")
+    return "\n".join(lines) + "\n\nCorpus validation perplexity after each epoch, per run.\n"
 
 
 OFF_SCALE = 2e4  # validation perplexity above this (a blown-up run) is drawn as an x at the top

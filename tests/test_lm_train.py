@@ -194,7 +194,9 @@ def test_compare_records_and_marks_a_diverged_run(corpus_dir, tmp_path, monkeypa
     assert run["status"] == "diverged" and f"at step {run['step']} " in run["error"]
     assert f"paper-rnn-layer seed 0: diverged at step {run['step']}" in capsys.readouterr().err
     assert results["table"]["paper-rnn-layer"]["diverged"] == 1
-    assert "| paper-rnn-layer | 0 (+1 diverged) |" in (tmp_path / "cmp" / "results.md").read_text()
+    md = (tmp_path / "cmp" / "results.md").read_text()
+    assert "| paper-rnn-layer | 0 (+1 diverged) |" in md
+    assert f"| paper-rnn-layer seed 0 | diverged at step {run['step']} |" in md
     assert (tmp_path / "cmp" / "valid_ppl.png").exists()
 
 
@@ -252,6 +254,12 @@ def test_compare_grid_writes_table_and_resumes(corpus_dir, tmp_path, monkeypatch
         assert row["valid"] is None or row["valid"]["n"] + row["diverged"] == 2
     md = (tmp_path / "cmp" / "results.md").read_text()
     assert "paper-lstm-online" in md and "113.4" in md and "per-batch" in md
+    done = [r for r in results["runs"] if r["status"] == "finished"]
+    assert done
+    for r in done:  # the per-run table: the history's figures
+        (h,) = [h for h in r["history"] if h["event"] == "epoch"]
+        assert f"| {r['preset']} seed {r['seed']} | {h['valid_ppl']:.1f} | {r['best_valid_ppl']:.1f} | " \
+               f"{r['test_ppl']:.1f} | {h['retries']} |" in md
     for name, row in table.items():
         runs = [r for r in results["runs"] if r["preset"] == name and r["status"] == "finished"]
         if runs:  # the paper's per-batch figure is never below the corpus figure (Jensen)
