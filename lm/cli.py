@@ -21,7 +21,8 @@ presets, each run in OUT/<preset>-seed<S>/. Rerunning the same command
 continues an interrupted grid; finished runs with the same settings are read
 back, not trained again. Writes results.json, results.md (median/min/max
 validation and test perplexity per configuration, the paper's per-batch
-measure, epoch time, the paper's figure) and, with matplotlib, valid_ppl.png
+measure, epoch time, the paper's figure; a row per run with its validation
+perplexity after each epoch) and, with matplotlib, valid_ppl.png
 (validation perplexity per epoch, one line per run, diverged runs marked).
 With --summarize nothing is trained: the table and plot cover the runs
 already finished in OUT and name the ones that are not."""

@@ -5,8 +5,9 @@ interrupted grid continues where it stopped when the same command is run
 again; a run that finished with the same settings is read from its
 summary.json, not trained or evaluated again.  Writes ``results.json``,
 ``results.md`` (median/min/max valid and test perplexity per configuration,
-the paper's per-batch measure beside it, epoch time, and the paper's figure)
-and, when matplotlib is installed, ``valid_ppl.png`` (validation perplexity
+the paper's per-batch measure beside it, epoch time, and the paper's figure;
+then one row per run with its validation perplexity after each epoch) and,
+when matplotlib is installed, ``valid_ppl.png`` (validation perplexity
 after each epoch, one line per run; diverged runs marked).  With
 ``train_missing=False`` (``--summarize``) nothing is trained: the table and
 plot cover the runs already finished or diverged, and name the ones missing,
