@@ -22,7 +22,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from .checkpoint import load_checkpoint
-from .data import resolve_data_dir
+from .data import corpus_fingerprint, resolve_data_dir
 from .presets import PRESETS, preset_name
 from .train import TrainConfig, TrainingDiverged, train
 
@@ -68,23 +68,43 @@ def run_grid(out, data=None, cells=("lstm", "rnn"), norms=("online", "layer", "n
 BUDGET = ("epochs", "max_steps")  # a run may be continued to a larger budget; any other setting is the run's own
 
 
-def _differences(saved: dict, cfg: TrainConfig) -> dict:
-    """The settings in which a saved run config differs from ``cfg``: {name: (saved, wanted)}, comparing data
-    folders as resolved (None: $SEQNORM_DATA) and ignoring ``out`` (a run folder may be moved, e.g. into the
-    committed results)."""
+def _differences(saved: dict, cfg: TrainConfig, saved_corpus: str | None = None) -> dict:
+    """The settings in which a saved run config differs from ``cfg``: {name: (saved, wanted)}, ignoring ``out``
+    (a run folder may be moved, e.g. into the committed results) and ``data`` when the corpus is the same
+    (``_same_corpus``; ``saved_corpus``: the SHA-256 recorded with the run)."""
     want = json.loads(json.dumps(asdict(cfg)))
     resolve = lambda c: {**c, "data": str(resolve_data_dir(c.get("data"))), "out": None}  # noqa: E731
     saved, want = resolve(saved), resolve(want)
+    if _same_corpus(saved["data"], saved_corpus, want["data"]):
+        saved["data"] = want["data"]
     return {k: (saved.get(k), want.get(k)) for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)}
 
 
-def _check_same_run(saved: dict, cfg: TrainConfig, path: Path) -> dict:
+def _same_corpus(saved_data: str, saved_corpus: str | None, wanted_data: str) -> bool:
+    """The same folder, or corpus files with the same SHA-256: the one recorded with the run, else read from
+    its folder if this machine has it; so a run recorded on another machine is read back here."""
+    if saved_data == wanted_data:
+        return True
+    wanted = _fingerprint(wanted_data)
+    return wanted is not None and wanted == (saved_corpus or _fingerprint(saved_data))
+
+
+def _fingerprint(directory: str) -> str | None:
+    try:
+        return corpus_fingerprint(directory)
+    except FileNotFoundError:
+        return None
+
+
+def _check_same_run(saved: dict, cfg: TrainConfig, path: Path, saved_corpus: str | None = None) -> dict:
     """The differences, after making sure they are only the budget: another setting (an as-written run where
-    the robust start is asked for, another lr) is an error, never a run relabeled."""
-    diff = _differences(saved, cfg)
+    the robust start is asked for, another lr, another corpus) is an error, never a run relabeled."""
+    diff = _differences(saved, cfg, saved_corpus)
     other = {k: v for k, v in diff.items() if k not in BUDGET}
     if other:
         said = ", ".join(f"{k} {a!r} there, {b!r} here" for k, (a, b) in other.items())
+        if "data" in other:
+            said += " (a corpus is the run's when its files' SHA-256 match)"
         raise ValueError(f"{path} holds a run with other settings ({said}); use another --out or remove it")
     return diff
 
@@ -96,11 +116,13 @@ def _recorded(cfg: TrainConfig) -> dict | None:
     marker, done = out / "diverged.json", out / "summary.json"
     if marker.exists():
         summary = json.loads(marker.read_text())
-        _check_same_run(summary.get("config", json.loads(json.dumps(asdict(cfg)))), cfg, marker)
+        _check_same_run(summary.get("config", json.loads(json.dumps(asdict(cfg)))), cfg, marker,
+                        summary.get("corpus_sha256"))
         return summary
     if done.exists():
         summary = json.loads(done.read_text())
-        if not _check_same_run(summary.get("config", {}), cfg, done) and summary.get("status") == "finished":
+        budget_grew = _check_same_run(summary.get("config", {}), cfg, done, summary.get("corpus_sha256"))
+        if not budget_grew and summary.get("status") == "finished":
             return summary
     return None
 
@@ -115,12 +137,13 @@ def _train_or_diverge(cfg: TrainConfig, progress: bool, label: str = "") -> dict
     out = Path(cfg.out)
     marker, last = out / "diverged.json", out / "last.pt"
     if not (out / "summary.json").exists() and last.exists():
-        _check_same_run(load_checkpoint(last)["train_config"], cfg, last)
+        ckpt = load_checkpoint(last)
+        _check_same_run(ckpt["train_config"], cfg, last, ckpt.get("corpus_sha256"))
     try:
         return train(cfg, resume=True, progress=progress, label=label)
     except TrainingDiverged as e:
-        summary = {"status": "diverged", "error": str(e), "step": e.step,
-                   "config": json.loads(json.dumps(asdict(cfg)))}
+        summary = {"status": "diverged", "error": str(e), "step": e.step, "config": json.loads(json.dumps(asdict(cfg))),
+                   "corpus_sha256": _fingerprint(str(resolve_data_dir(cfg.data)))}
         marker.write_text(json.dumps(summary) + "\n")
         return summary
 

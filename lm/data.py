@@ -9,6 +9,7 @@ ends with the model's end-of-sentence id.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from collections import Counter
@@ -45,6 +46,13 @@ def split_paths(directory: str | os.PathLike) -> dict[str, Path]:
             f"corpus files not found; looked for {'; '.join(missing)}. Get PTB with `seqnorm-lm data ptb --dir "
             f"{directory}`, or point --data (or ${DATA_ENV}) at a folder with train.txt, valid.txt and test.txt")
     return paths
+
+
+def corpus_fingerprint(directory: str | os.PathLike) -> str:
+    """SHA-256 of the train, valid and test files' own SHA-256s, in that order: the corpus's identity
+    wherever its folder lies, so that a run recorded on one machine is recognized on another."""
+    digests = b"".join(hashlib.sha256(path.read_bytes()).digest() for path in split_paths(directory).values())
+    return hashlib.sha256(digests).hexdigest()
 
 
 def read_lines(path: Path) -> list[str]:

@@ -32,7 +32,7 @@ from seqnorm.distributed import gather_states, load_states, reconcile_statistics
 from . import parallel, robust_start
 from .batching import SegmentLengths, batchify, segment
 from .checkpoint import (check_model_config, check_vocab, load_checkpoint, model_from_checkpoint, save_checkpoint)
-from .data import load_corpus, resolve_data_dir, vocab_from_state
+from .data import corpus_fingerprint, load_corpus, resolve_data_dir, vocab_from_state
 from .evaluate import evaluate, safe_exp
 from .config import TrainConfig  # noqa: F401  (re-exported)
 from .model import RNNLM, detach_hidden, map_hidden
@@ -112,6 +112,7 @@ class Trainer:
         ckpt = load_checkpoint(last) if resume and last.exists() else None
         vocab = vocab_from_state(ckpt["vocab"]) if ckpt and cfg.tokenizer == "sentencepiece" else None
         self.corpus = load_corpus(data_dir, cfg.tokenizer, cfg.vocab_size, vocab=vocab)
+        self.corpus_sha256 = corpus_fingerprint(data_dir)  # recorded with the run: its data wherever it lies
         self.model_cfg = cfg.model_config(len(self.corpus.vocab))
         self.train_data = batchify(self.corpus.train, cfg.batch_size)[:, columns].to(self.device)
         torch.manual_seed(cfg.seed)
@@ -139,7 +140,8 @@ class Trainer:
     def _payload(self, with_train: bool, rank_states=None) -> dict:
         """The checkpoint; under torchrun called by every rank (it gathers), inside ``_reconciled``."""
         payload = {"model_config": self.model_cfg.to_dict(), "vocab": self.corpus.vocab.state(),
-                   "model": self.model.state_dict(), "train_config": asdict(self.cfg)}
+                   "model": self.model.state_dict(), "train_config": asdict(self.cfg),
+                   "corpus_sha256": self.corpus_sha256}
         if with_train:
             hidden = map_hidden(lambda h: parallel.gather_columns(h, self.ranks), self.hidden)
             payload["train"] = {
@@ -438,7 +440,7 @@ class Trainer:
                    "test_ppl": test["perplexity"], "test_ppl_mean_batch_exp": test["perplexity_mean_batch_exp"],
                    "train_seconds": sum(r["time_s"] for r in self.history if r["event"] == "epoch")
                    + (last["time_s"] if last["event"] == "end" else 0.0),
-                   "history": self.history, "config": asdict(self.cfg)}
+                   "history": self.history, "config": asdict(self.cfg), "corpus_sha256": self.corpus_sha256}
         if self.ranks.main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary

@@ -329,6 +329,43 @@ def test_compare_summarize_trains_nothing_and_names_the_missing_runs(corpus_dir,
         compare.run_grid(tmp_path / "cmp", **grid, seeds=(2,), train_missing=False)
 
 
+def test_compare_reads_a_run_back_wherever_its_corpus_lies(corpus_dir, tmp_path, monkeypatch):
+    """A run recorded with the corpus in one folder is the same run with the same files in another (the
+    committed results, read on another machine); other files are another corpus, an error.  Old records
+    without the recorded SHA-256 are checked against their folder when this machine has it."""
+    import hashlib
+    import shutil
+
+    here, there = tmp_path / "here", tmp_path / "there"
+    shutil.copytree(corpus_dir, here)
+    grid = dict(cells=("rnn",), norms=("none",), seeds=(0,), progress=False, epochs=1, max_steps=2)
+    (run,) = compare.run_grid(tmp_path / "cmp", data=str(here), **grid)["runs"]
+    digests = b"".join(hashlib.sha256((corpus_dir / f"{s}.txt").read_bytes()).digest()
+                       for s in ("train", "valid", "test"))
+    assert run["corpus_sha256"] == hashlib.sha256(digests).hexdigest()
+    assert load_checkpoint(tmp_path / "cmp" / "paper-rnn-none-seed0" / "last.pt")["corpus_sha256"] == \
+           run["corpus_sha256"]
+    shutil.move(here, there)  # the folder the run names is gone; the same files are elsewhere
+    calls = []
+    monkeypatch.setattr(Trainer, "__init__", lambda self, *a, **k: calls.append(1))
+    again = compare.run_grid(tmp_path / "cmp", data=str(there), **grid, train_missing=False)
+    assert calls == [] and again["runs"][0]["test_ppl"] == run["test_ppl"]
+    other = tmp_path / "other"
+    shutil.copytree(there, other)
+    (other / "valid.txt").write_text((other / "valid.txt").read_text() + "w1 w2\n")
+    with pytest.raises(ValueError, match=rf"data '{here}' there, '{other}' here \(a corpus is the run's when "
+                                         r"its files' SHA-256 match\)"):
+        compare.run_grid(tmp_path / "cmp", data=str(other), **grid, train_missing=False)
+    summary = tmp_path / "cmp" / "paper-rnn-none-seed0" / "summary.json"
+    old = json.loads(summary.read_text())
+    del old["corpus_sha256"]  # as recorded before the field existed
+    summary.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="other settings"):  # nothing to check the files against
+        compare.run_grid(tmp_path / "cmp", data=str(there), **grid, train_missing=False)
+    shutil.copytree(there, here)
+    assert compare.run_grid(tmp_path / "cmp", data=str(there), **grid, train_missing=False)["runs"][0]["seed"] == 0
+
+
 def test_compare_takes_the_gru_presets(corpus_dir, tmp_path):
     """--cells gru: the GRU presets (gru-online, gru-none: seqnorm.GRU and torch.nn.GRU), no paper figure, a plot
     of their own."""
