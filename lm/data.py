@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .download import sha256_of
+
 SPLITS = ("train", "valid", "test")
 EOS, UNK = "<eos>", "<unk>"
 DEFAULT_DATA_DIR = Path("data/ptb")
@@ -51,7 +53,7 @@ def split_paths(directory: str | os.PathLike) -> dict[str, Path]:
 def corpus_fingerprint(directory: str | os.PathLike) -> str:
     """SHA-256 of the train, valid and test files' own SHA-256s, in that order: the corpus's identity
     wherever its folder lies, so that a run recorded on one machine is recognized on another."""
-    digests = b"".join(hashlib.sha256(path.read_bytes()).digest() for path in split_paths(directory).values())
+    digests = b"".join(bytes.fromhex(sha256_of(path)) for path in split_paths(directory).values())
     return hashlib.sha256(digests).hexdigest()
 
 
