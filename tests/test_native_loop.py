@@ -67,8 +67,10 @@ def test_native_loop_equals_per_step_loop_and_torch_path(cell, kw, T, B, lengths
         assert want.keys() == fast.keys() == slow.keys()
         for key in want:
             msg = lambda m: f"call {call}, {key}: {m}"  # noqa: E731
-            # the same kernels and the same BLAS: equal but for the order of the affine's gradient sums
-            torch.testing.assert_close(fast[key], slow[key], atol=1e-5, rtol=1e-5, msg=msg)
+            # the same kernels and the same BLAS, but other GEMM calls (packed in C) and the affine's gradient sums in
+            # another order: float32 rounding, amplified over the calls through the state, relative to the scale
+            scale = max(1.0, slow[key].abs().max().item())
+            torch.testing.assert_close(fast[key], slow[key], atol=1e-5 * scale, rtol=1e-5, msg=msg)
             torch.testing.assert_close(fast[key], want[key], atol=2e-5, rtol=1e-4, msg=msg)
 
 
@@ -149,7 +151,7 @@ def test_the_kernels_build_without_openmp_and_give_the_same_numbers(tmp_path, mo
     from seqnorm.sequence import RecurrenceSpec
 
     target = tmp_path / "serial.so"
-    subprocess.run(["cc", *cpu_step.CFLAGS, *map(str, cpu_step.SOURCES), "-o", str(target), "-lm"], check=True)
+    subprocess.run([*cpu_step.build_flags(), *map(str, cpu_step.SOURCES), "-o", str(target), "-lm"], check=True)
     serial = ctypes.CDLL(str(target))
     spec = RecurrenceSpec("lstm", "online", 200, OnlineNormConfig())
     B, GH = 20, 800  # B x 4H above the threshold where the OpenMP build splits the gates over threads

@@ -22,8 +22,7 @@
 enum { NORM_NONE = 0, NORM_ONLINE = 1, NORM_LAYER = 2 };
 enum { ECM_NONE = 0, ECM_LS = 1, ECM_AC = 2 };
 
-/* Finite test on the exponent bits: the code is built with -ffast-math, under which isfinite() may be
- * assumed true, and an integer test keeps the other loops' fast-math vectorization. */
+/* Finite test on the exponent bits: branch-free, so that the loops around it vectorize. */
 static inline int finitef_(float x) {
     uint32_t u;
     memcpy(&u, &x, sizeof u);
@@ -44,6 +43,12 @@ static inline int threads_for(int64_t work) {
     return 1;
 }
 #endif
+
+/* A sum over features in vector lanes (built with -fopenmp-simd; no -ffast-math, which would change the
+ * process's floating-point mode and give CPU-specific approximations): the order of the additions is fixed by
+ * the build's target ISA (cpu_step.py), so the same build gives the same bits on every CPU. */
+#define SIMD_PRAGMA(x) _Pragma(#x)
+#define SIMD_SUM(...) SIMD_PRAGMA(omp simd reduction(+ : __VA_ARGS__))
 
 static inline float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
 
@@ -78,8 +83,10 @@ static void gate_forward(const Params *p, const float *x, float *mu, float *var,
         }
     } else {
         float mean = 0.0f, sq = 0.0f;
+        SIMD_SUM(mean)
         for (int64_t j = 0; j < H; j++) mean += x[j];
         mean /= (float)H;
+        SIMD_SUM(sq)
         for (int64_t j = 0; j < H; j++) sq += (x[j] - mean) * (x[j] - mean);
         float sj = 1.0f / sqrtf(sq / (float)H + p->eps);
         for (int64_t j = 0; j < H; j++) {
@@ -90,6 +97,7 @@ static void gate_forward(const Params *p, const float *x, float *mu, float *var,
     for (int64_t j = 0; j < H; j++) z[j] = p->affine ? y[j] * gamma[j] + beta[j] : y[j];
     if (p->norm == NORM_ONLINE && p->ecm == ECM_LS) { /* eq. 9 */
         float ms = 0.0f;
+        SIMD_SUM(ms)
         for (int64_t j = 0; j < H; j++) ms += z[j] * z[j];
         float inv = 1.0f / sqrtf(ms / (float)H + p->ls_eps);
         *iz = inv;
@@ -108,6 +116,7 @@ static void gate_backward(const Params *p, float *d, const float *y, const float
     if (p->norm == NORM_ONLINE && p->ecm == ECM_LS) { /* eq. 10 */
         const float inv = *iz;
         float m = 0.0f;
+        SIMD_SUM(m)
         for (int64_t j = 0; j < H; j++) m += (p->affine ? y[j] * gamma[j] + beta[j] : y[j]) * inv * d[j];
         m /= (float)H;
         for (int64_t j = 0; j < H; j++) d[j] = (d[j] - (p->affine ? y[j] * gamma[j] + beta[j] : y[j]) * inv * m) * inv;
@@ -150,6 +159,7 @@ static void gate_backward(const Params *p, float *d, const float *y, const float
         }
     } else {
         float mdy = 0.0f, mdyy = 0.0f;
+        SIMD_SUM(mdy, mdyy)
         for (int64_t j = 0; j < H; j++) {
             mdy += d[j];
             mdyy += d[j] * y[j];
@@ -273,7 +283,7 @@ void gru_forward_step(const Params *p, const float *xp, const float *gh, const f
     const int64_t H = p->H, GH = 3 * H;
     for (int64_t b = 0; b < p->B; b++) {
         const int64_t row = b * GH, hrow = b * H;
-        float *restrict r = act + row, *restrict z = r + H, *restrict n = r + 2 * H;
+        float *r = act + row, *z = r + H, *n = r + 2 * H; /* one buffer (r's loop below writes z): not restrict */
         const float *restrict x = xp + row, *restrict g = gh + row;
         for (int64_t j = 0; j < 2 * H; j++) r[j] = x[j] + g[j];
         for (int k = 0; k < 2; k++) /* normalized in place, then the sigmoid */
@@ -301,8 +311,8 @@ void gru_backward_step(const Params *p, const float *dh, const float *d_out, flo
     const int64_t H = p->H, GH = 3 * H;
     for (int64_t b = 0; b < p->B; b++) {
         const int64_t row = b * GH, hrow = b * H;
-        const float *restrict r = act + row, *restrict z = r + H, *restrict n = r + 2 * H;
-        float *restrict dr = dx + row, *restrict dz = dr + H, *restrict dn = dr + 2 * H, *restrict dg = dgh + row;
+        const float *r = act + row, *z = r + H, *n = r + 2 * H;  /* each three views of one buffer: */
+        float *dr = dx + row, *dz = dr + H, *dn = dr + 2 * H, *dg = dgh + row; /* not restrict */
         for (int64_t j = 0; j < H; j++) {
             float dht = dh[hrow + j] + d_out[hrow + j];
             dn[j] = dht * (1.0f - z[j]) * (1.0f - n[j] * n[j]);

@@ -3,9 +3,22 @@
 
 The C files have no dependency beyond libm.  They are compiled with the system
 C compiler (``$CC``, default ``cc``) at first use into a per-process temporary
-folder, removed once the library is loaded (a fraction of a second;
-``-march=native`` is right because it runs where it is built) and called
-through ctypes with the tensors' data pointers.
+folder, removed once the library is loaded (a fraction of a second), and called
+through ctypes with the tensors' data pointers; every pointer is checked first
+(a CPU, contiguous tensor of the kernel's dtype), so a wrong buffer raises
+instead of being read.
+
+The build owns only seqnorm's numerics.  There is no ``-ffast-math``: with GCC it
+links ``crtfastmath.o``, which turns on flush-to-zero for the whole process as
+the library loads (every other torch op of the user would then lose its
+denormals), and it lets the compiler use CPU-specific reciprocal estimates.  The
+flags taken instead (``CFLAGS``) only drop ``errno`` and trap semantics, and the
+feature sums are vectorized by ``#pragma omp simd``.  The target ISA is fixed,
+not ``-march=native``, so that an Intel and an AMD machine run the same
+instructions and get the same bits: ``x86-64-v3`` (AVX2, FMA) where the CPU has
+it, else ``x86-64-v2``, else the compiler's default; ``$SEQNORM_CPU_ISA``
+overrides it (any ``-march`` value, ``native`` included, or ``default`` for no
+``-march``), read once per process.  ``build_flags()`` says what was used.
 
 The time loop needs a BLAS for its per-step products: MKL's ``sgemm_`` (and
 its packed-GEMM entry points, where present) as exported by torch's own
@@ -18,6 +31,7 @@ import contextlib
 import ctypes
 import functools
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -29,7 +43,12 @@ from .constants import ECM_CODES, NORM_CODES, decay_floor
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "cpu_step.c", HERE / "cpu_sequence.c")
-CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", f"-I{HERE}")
+CFLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-fPIC", "-shared", f"-I{HERE}")
+ISA_ENV = "SEQNORM_CPU_ISA"
+X86_LEVELS = (  # (-march level, the /proc/cpuinfo flags it needs), best first
+    ("x86-64-v3", {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "xsave", "abm"}),
+    ("x86-64-v2", {"cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3"}),
+)
 
 
 class Params(ctypes.Structure):
@@ -96,17 +115,15 @@ def blas_symbols() -> tuple | None:
 
 @functools.cache
 def library() -> ctypes.CDLL:
-    """The compiled kernels (built once per process); BuildError says why when there is no compiler."""
-    compiler = os.environ.get("CC", "cc")
+    """The compiled kernels (built once per process); BuildError carries the compiler's own message."""
     folder = tempfile.mkdtemp(prefix="seqnorm-cpu-step-")
     target = os.path.join(folder, "cpu_step.so")
     try:
-        _compile(compiler, target)
+        _compile(target)
         lib = ctypes.CDLL(target)
-    except (OSError, subprocess.CalledProcessError) as err:
-        detail = getattr(err, "stderr", None) or err
-        raise BuildError(f"backend='cpu' needs a C compiler ({compiler!r}, set $CC) to build "
-                         f"{', '.join(p.name for p in SOURCES)}: {detail}")
+    except OSError as err:
+        raise BuildError(f"backend='cpu' could not build or load its C kernels ({' '.join(build_flags())}): {err}. "
+                         f"Set $CC to a C compiler, or use backend='torch'") from err
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # a loaded library stays mapped; nothing is left in /tmp
     for name in ("lstm_forward_step", "rnn_forward_step", "gru_forward_step", "lstm_backward_step",
@@ -119,14 +136,41 @@ def library() -> ctypes.CDLL:
     return lib
 
 
-def _compile(compiler: str, target: str) -> None:
-    """With OpenMP where the compiler has it (its libgomp is the one torch has loaded: same soname), else
-    without (one thread per step)."""
-    command = [compiler, *CFLAGS, *map(str, SOURCES), "-o", target, "-lm"]
+@functools.cache
+def target_isa() -> str | None:
+    """The ``-march`` value of the build: ``$SEQNORM_CPU_ISA`` (``default``: none), else the best x86-64 level
+    this CPU has (None off x86-64 or where /proc/cpuinfo is not readable: the compiler's default)."""
+    wanted = os.environ.get(ISA_ENV, "").strip()
+    if wanted:
+        return None if wanted == "default" else wanted
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
     try:
-        subprocess.run([*command, "-fopenmp"], check=True, capture_output=True, text=True)
-    except subprocess.CalledProcessError:
-        subprocess.run(command, check=True, capture_output=True, text=True)
+        flags = next(set(line.split(":", 1)[1].split()) for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return None
+    return next((level for level, needs in X86_LEVELS if needs <= flags), None)
+
+
+def build_flags() -> list[str]:
+    """The compiler and flags the kernels are built with (without OpenMP, added where the compiler has it)."""
+    isa = target_isa()
+    return [os.environ.get("CC", "cc"), *CFLAGS, *([f"-march={isa}"] if isa else [])]
+
+
+def _compile(target: str) -> None:
+    """With OpenMP where the compiler has it (its libgomp is the one torch has loaded: same soname), else
+    without (one thread per step).  OSError (BuildError's cause) with the compiler's message when both fail."""
+    command = [*build_flags(), *map(str, SOURCES), "-o", target, "-lm"]
+    try:
+        first = subprocess.run([*command, "-fopenmp"], capture_output=True, text=True)
+        if first.returncode != 0:
+            second = subprocess.run(command, capture_output=True, text=True)
+            if second.returncode != 0:
+                raise OSError(f"{command[0]} exited with status {second.returncode}:\n{second.stderr.strip()}")
+    except FileNotFoundError as err:
+        raise OSError(f"no C compiler {command[0]!r} found") from err
 
 
 @functools.cache
@@ -139,7 +183,14 @@ def available() -> bool:
     return True
 
 
-def _ptr(tensor):
+def _ptr(tensor, dtype=torch.float32):
+    """The data pointer of a CPU, contiguous tensor of ``dtype``; anything else raises before C reads it."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"seqnorm's C kernels take tensors, got {type(tensor).__name__}")
+    if tensor.device.type != "cpu" or tensor.dtype != dtype or not tensor.is_contiguous():
+        raise ValueError(f"seqnorm's C kernels need contiguous {dtype} tensors on the CPU, got a "
+                         f"{'' if tensor.is_contiguous() else 'non-contiguous '}{tensor.dtype} tensor of shape "
+                         f"{tuple(tensor.shape)} on {tensor.device}")
     return ctypes.c_void_p(tensor.data_ptr())
 
 
@@ -189,8 +240,8 @@ class CPUStep:
         status = library().sequence_backward(
             self.params, self.lstm, ctypes.c_int64(T), ctypes.c_int64(P), ctypes.byref(strides), _ptr(dh),
             _ptr_or_null(d_out), *map(_ptr, (dc, act, c_all, y, s, iz, gamma, beta, da, d_pre, u, v, w_hh)),
-            _ptr_or_null(w_hr), _ptr_or_null(dh_all), _ptr_or_null(dm), _ptr(self.zero_rows), _ptr_or_null(d_gamma),
-            _ptr_or_null(d_beta))
+            _ptr_or_null(w_hr), _ptr_or_null(dh_all), _ptr_or_null(dm), _ptr(self.zero_rows),
+            _ptr_or_null(d_gamma, torch.float64), _ptr_or_null(d_beta, torch.float64))
         _check_status(status)
 
 
@@ -222,7 +273,7 @@ class CPUStep:
         status = library().gru_sequence_backward(
             self.params, ctypes.c_int64(act.shape[0]), ctypes.byref(strides), _ptr(dh), _ptr_or_null(d_out),
             *map(_ptr, (h_all, act, ghn_all, y, s, iz, gamma, beta, da, d_pre, d_gh, u, v, w_hh, self.zero_rows,
-                        dh_direct)), _ptr_or_null(d_gamma), _ptr_or_null(d_beta))
+                        dh_direct)), _ptr_or_null(d_gamma, torch.float64), _ptr_or_null(d_beta, torch.float64))
         _check_status(status)
 
 
@@ -231,8 +282,8 @@ def _stride(buffer) -> int:
     return buffer[0].numel() if buffer.dim() > 1 and buffer.shape[0] > 1 else 0
 
 
-def _ptr_or_null(tensor):
-    return ctypes.c_void_p(None) if tensor is None else _ptr(tensor)
+def _ptr_or_null(tensor, dtype=torch.float32):
+    return ctypes.c_void_p(None) if tensor is None else _ptr(tensor, dtype)
 
 
 def _check_status(status: int) -> None:

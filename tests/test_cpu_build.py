@@ -1,0 +1,110 @@
+"""The C kernels' build and boundary: they leave the process's floating-point mode alone, build for the ISA asked
+for, say what the compiler said when a build fails, refuse a buffer they cannot read, and compute the IEEE result
+where a fast-math build would not (a sigmoid of a very negative input is 0, not NaN)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import seqnorm
+from seqnorm.kernels import cpu_step
+
+needs_cc = pytest.mark.skipif(not cpu_step.available(), reason="no C compiler")
+
+
+def python(code: str, **env) -> str:
+    """Run ``code`` in a fresh interpreter (the kernels not yet loaded) and return what it printed."""
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                            env={**os.environ, **env}, check=True)
+    return result.stdout.strip()
+
+
+DENORMAL_PROBE = """
+    import torch, seqnorm
+    probe = lambda: repr((torch.tensor([1e-40]) * 3).item())  # a denormal: 0.0 under flush-to-zero
+    before = probe()
+    layer = seqnorm.LSTM(4, 5, norm="online", backend="cpu")
+    layer(torch.randn(3, 2, 4))[0].sum().backward()
+    print(before, probe())
+"""
+
+
+@needs_cc
+def test_the_c_backend_leaves_the_processs_denormals_alone():
+    before, after = python(DENORMAL_PROBE).split()
+    assert float(before) != 0.0  # the probe works: torch keeps denormals by default
+    assert after == before
+
+
+@needs_cc
+def test_the_isa_is_the_one_asked_for():
+    assert "-march=x86-64-v2" in python("from seqnorm.kernels import cpu_step; print(cpu_step.build_flags())",
+                                        SEQNORM_CPU_ISA="x86-64-v2")
+    assert "-march" not in python("from seqnorm.kernels import cpu_step; print(cpu_step.build_flags())",
+                                  SEQNORM_CPU_ISA="default")
+    assert "-ffast-math" not in cpu_step.build_flags()
+
+
+@needs_cc
+def test_a_build_for_another_isa_computes_the_same_layer():
+    """Two builds (x86-64-v2: SSE, no FMA; and this machine's default) agree to float32 rounding."""
+    code = """
+        import torch, seqnorm
+        torch.manual_seed(0)
+        layer = seqnorm.LSTM(6, 16, norm="layer", backend="cpu")
+        x = torch.randn(7, 3, 6, requires_grad=True)
+        layer(x)[0].pow(2).sum().backward()
+        torch.save(x.grad, "{path}")
+    """
+    grads = []
+    for isa in ("x86-64-v2", ""):
+        path = f"/tmp/seqnorm-isa-{os.getpid()}-{isa or 'default'}.pt"
+        python(code.format(path=path), SEQNORM_CPU_ISA=isa)
+        grads.append(torch.load(path))
+        os.remove(path)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-5)
+
+
+def test_a_failed_build_carries_the_compilers_message(tmp_path, monkeypatch):
+    compiler = tmp_path / "broken-cc"
+    compiler.write_text("#!/bin/sh\necho 'cpu_step.c:1: error: something the compiler said' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    cpu_step.library.cache_clear()
+    try:
+        with pytest.raises(cpu_step.BuildError, match="something the compiler said"):
+            cpu_step.library()
+    finally:
+        cpu_step.library.cache_clear()
+
+
+@needs_cc
+@pytest.mark.parametrize("bad", ["non-contiguous", "float64", "not a tensor"])
+def test_a_buffer_the_kernels_cannot_read_raises_before_c_sees_it(bad):
+    from seqnorm.norms import OnlineNormConfig
+    from seqnorm.sequence import RecurrenceSpec
+
+    B, H = 2, 3
+    step = cpu_step.CPUStep(RecurrenceSpec("rnn", "online", H, OnlineNormConfig()), B, torch.float32)
+    bufs = [torch.randn(B, H) for _ in range(7)] + [torch.ones(H), torch.zeros(H), torch.zeros(H), torch.ones(H)]
+    bufs[4] = {"non-contiguous": torch.randn(H, B).t(), "float64": torch.randn(B, H, dtype=torch.float64),
+               "not a tensor": [0.0] * (B * H)}[bad]
+    with pytest.raises((ValueError, TypeError), match="contiguous|tensors"):
+        step.forward(*bufs)
+
+
+@needs_cc
+@pytest.mark.parametrize("cls", [seqnorm.LSTM, seqnorm.GRU])
+def test_gates_saturate_to_the_ieee_result_not_nan(cls):
+    """Pre-activations far below -88.7 (expf overflows): the C sigmoid is 0 and tanh is -1, as torch's."""
+    torch.manual_seed(0)
+    ref = cls(3, 4, norm=None, backend="torch")
+    fast = cls(3, 4, norm=None, backend="cpu")
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 2, 3) * 1e4
+    want, got = ref(x)[0], fast(x)[0]
+    assert got.isfinite().all()
+    torch.testing.assert_close(got, want)
