@@ -146,7 +146,7 @@ def time_fwd_bwd(step, min_reps, max_seconds, device):
     return statistics.median(times), len(times)
 
 
-def run(configs, kinds, min_reps, max_seconds, device, dtype):
+def run(configs, kinds, min_reps, max_seconds, device, dtype, only=None):
     results = []
     for name in configs:
         T, B, H = CONFIGS[name]
@@ -156,6 +156,8 @@ def run(configs, kinds, min_reps, max_seconds, device, dtype):
             row = {"config": name, "T": T, "B": B, "H": H, "cell": kind, "dtype": str(dtype), "seconds": {}, "reps": {},
                    "forward_seconds": {}, "errors": {}}
             for label, (make, graphed, *context) in candidates(H, kind, device.type == "cuda").items():
+                if only and label not in only and label.replace(kind.upper(), "X") not in only:
+                    continue
                 context = context[0] if context else contextlib.nullcontext
                 try:
                     model = make().to(device, dtype)
@@ -251,6 +253,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--out", default=None, help="write results JSON here")
     parser.add_argument("--markdown", default=None, help="write the docs table (markdown) here")
+    parser.add_argument("--only", nargs="+", default=None, metavar="LABEL",
+                        help="time only these candidates, X for the cell: e.g. torch.nn.X 'seqnorm.X(online)'")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -260,7 +264,8 @@ def main(argv=None):
             "threads": torch.get_num_threads(), "device": str(device),
             "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}
     print(meta)
-    results = run(args.configs, args.cells, args.min_reps, args.max_seconds, device, getattr(torch, args.dtype))
+    results = run(args.configs, args.cells, args.min_reps, args.max_seconds, device, getattr(torch, args.dtype),
+                  args.only)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(markdown(results))

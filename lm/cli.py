@@ -49,6 +49,9 @@ def add_train_parser(sub):
                    "preset (gru-online, gru-layer, gru-none; not in the paper)")
     p.add_argument("--resume", action="store_true", help="continue exactly from OUT/last.pt if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--log-every", type=int, default=None, metavar="N",
+                   help="write one line per N steps to OUT/steps.jsonl: step, segment length, loss before the update, "
+                        "gradient norm, lr, truncation, undone (default: none)")
     _add(p, "--data", name="data", help=DATA_HELP)
     _add(p, "--out", name="out", help="output folder for last.pt, best.pt, metrics.jsonl, summary.json")
     _add(p, "--cell", name="cell", choices=CELLS, help="recurrent cell; *-cudnn are torch.nn's layers (norm none)")
@@ -88,8 +91,9 @@ def add_train_parser(sub):
               "ones (at the first step: its own truncated gradient's norm)")
     _add(p, "--undo-factor", name="undo_factor", type=float,
          help="undo: an update during the warm-up is undone and retaken when it multiplied its own segment's "
-              "perplexity by more than this; after the first undone update the rest of the warm-up truncates every "
-              "backward as truncate does")
+              "perplexity by more than this (the retaken update too: when it also does damage, it is undone and the "
+              "step skipped); after the first undone update the rest of the warm-up truncates every backward as "
+              "truncate does")
     _add(p, "--adaptive-clip", name="adaptive_clip", type=_optional_float, show_none=True,
          help="clip the gradient norm at this many times the median of the last --clip-window norms, or none")
     _add(p, "--clip-window", name="clip_window", type=int, help="how many recent gradient norms the median takes")
@@ -128,7 +132,8 @@ def cmd_train(args) -> int:
     from .train import Trainer
 
     try:
-        trainer = Trainer(train_config(args), resume=args.resume, progress=not args.no_progress)
+        trainer = Trainer(train_config(args), resume=args.resume, progress=not args.no_progress,
+                          log_every=args.log_every)
         summary, main = trainer.run(), trainer.ranks.main
         del trainer  # its DDP wrapper holds the process group: released here, not at interpreter exit
         gc.collect()
@@ -152,7 +157,7 @@ def add_eval_parser(sub):
     p.add_argument("--split", default="valid", choices=("train", "valid", "test"), help="(default: valid)")
     p.add_argument("--batch-size", type=int, default=10, help="evaluation batch size (default: 10)")
     p.add_argument("--bptt", type=int, default=32, help="segment length (default: 32)")
-    p.add_argument("--device", default="cpu", help="(default: cpu)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto, CUDA when torch sees one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
@@ -181,7 +186,7 @@ def add_generate_parser(sub):
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default: 1.0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--prompt", default="", help="text to start from; every word must be in the vocabulary")
-    p.add_argument("--device", default="cpu", help="(default: cpu)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto, CUDA when torch sees one)")
     p.set_defaults(func=cmd_generate)
 
 
@@ -211,7 +216,7 @@ def add_compare_parser(sub):
                    "presets)")
     p.add_argument("--as-written", action="store_true", help="no robust start in any run: the presets exactly as "
                    "the paper printed them (default: the robust start, docs/robust_start.md)")
-    p.add_argument("--device", default="cpu", help="(default: cpu)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto, CUDA when torch sees one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--summarize", action="store_true", help="train nothing: the table and plot of the runs already "
                    "finished (or diverged) in OUT, naming the missing ones (an interim table of a long grid)")
@@ -278,11 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)  # --help and argument errors end here, before torch is imported
     from .download import DownloadError
+    from seqnorm.backend import describe_path
+
     from .train import resolve_device
 
     try:
         if getattr(args, "device", None) is not None:
-            resolve_device(args.device)  # every subcommand: a clear error before any work
+            device = resolve_device(args.device)  # every subcommand: a clear error before any work
+            print(f"seqnorm-lm {args.command}: device {device}; seqnorm layers run {describe_path(device)}",
+                  file=sys.stderr)
         return args.func(args)
     except (ValueError, FileNotFoundError, DownloadError, FloatingPointError) as e:  # CheckpointError is a ValueError
         print(f"seqnorm-lm {args.command}: error: {e}", file=sys.stderr)

@@ -28,7 +28,7 @@ from .train import TrainConfig, TrainingDiverged, train
 
 
 def run_grid(out, data=None, cells=("lstm", "rnn"), norms=("online", "layer", "none"), seeds=(0,), epochs=None,
-             max_steps=None, device="cpu", progress=True, overrides=None, train_missing=True) -> dict:
+             max_steps=None, device="auto", progress=True, overrides=None, train_missing=True) -> dict:
     """Train every configuration (presets, shrunk by ``epochs``/``max_steps``; ``overrides``, TrainConfig
     fields, for all: e.g. ``AS_WRITTEN`` for no robust start) and summarize.  ``train_missing=False``: train
     nothing, summarize the runs recorded in ``out`` and list the others under ``"missing"``."""
@@ -70,10 +70,11 @@ BUDGET = ("epochs", "max_steps")  # a run may be continued to a larger budget; a
 
 def _differences(saved: dict, cfg: TrainConfig, saved_corpus: str | None = None) -> dict:
     """The settings in which a saved run config differs from ``cfg``: {name: (saved, wanted)}, ignoring ``out``
-    (a run folder may be moved, e.g. into the committed results) and ``data`` when the corpus is the same
-    (``_same_corpus``; ``saved_corpus``: the SHA-256 recorded with the run)."""
+    (a run folder may be moved, e.g. into the committed results), ``device`` (where a run continues is not what
+    it is) and ``data`` when the corpus is the same (``_same_corpus``; ``saved_corpus``: the SHA-256 recorded
+    with the run)."""
     want = json.loads(json.dumps(asdict(cfg)))
-    resolve = lambda c: {**c, "data": str(resolve_data_dir(c.get("data"))), "out": None}  # noqa: E731
+    resolve = lambda c: {**c, "data": str(resolve_data_dir(c.get("data"))), "out": None, "device": None}  # noqa: E731
     saved, want = resolve(saved), resolve(want)
     if _same_corpus(saved["data"], saved_corpus, want["data"]):
         saved["data"] = want["data"]

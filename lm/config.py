@@ -30,7 +30,7 @@ class ModelConfig:
     alpha_fwd: float | None = None  # None: the layer's paper default (LSTM 1-2^-13, RNN 1-2^-14)
     alpha_bkw: float | None = None  # None: LSTM 1-2^-5, RNN 1-2^-7
     ecm: str = "ls"
-    v_decay_min: float | None = 1e-5  # ON v-decay floor (DESIGN §2); None: the paper's printed equations
+    v_decay_min: float | None = 1e-5  # ON v-decay floor (docs/design.md §2); None: the paper's printed equations
 
     def __post_init__(self):
         if self.cell not in CELLS:
@@ -90,7 +90,7 @@ class TrainConfig:
     eval_batch_size: int = 10
     eval_bptt: int = 32
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # CUDA when torch sees one, else the CPU
     tokenizer: str = "word"
     vocab_size: int | None = None
 

@@ -1,8 +1,8 @@
 """Download datasets with a progress bar, verify SHA-256, write atomically.
 
 PTB is Mikolov's preprocessed Penn Treebank split, served as plain files
-(``ptb.{train,valid,test}.txt``); the sums are those of
-``../shared/data/ptb/SHA256SUMS`` and ``data/README.md``.
+(``ptb.{train,valid,test}.txt``); the SHA-256 sums below are the verified
+copy's, also listed in ``data/README.md``.
 """
 from __future__ import annotations
 
@@ -63,7 +63,8 @@ def fetch(url: str, dest: Path, sha256: str, progress: bool = True, timeout: flo
         tmp.unlink(missing_ok=True)
 
 
-def download_ptb(directory: str | os.PathLike, base_url: str = PTB_URL, progress: bool = True) -> dict[str, str]:
+def download_ptb(directory: str | os.PathLike, base_url: str = PTB_URL, progress: bool = True,
+                 timeout: float = 60.0) -> dict[str, str]:
     """Make sure ``directory`` holds the verified PTB files; returns {file: "present" | "downloaded"}."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -73,6 +74,6 @@ def download_ptb(directory: str | os.PathLike, base_url: str = PTB_URL, progress
         if dest.is_file() and sha256_of(dest) == sha256:
             status[name] = "present"
             continue
-        fetch(base_url.rstrip("/") + "/" + remote, dest, sha256, progress=progress)
+        fetch(base_url.rstrip("/") + "/" + remote, dest, sha256, progress=progress, timeout=timeout)
         status[name] = "downloaded"
     return status

@@ -1,4 +1,4 @@
-"""The paper's six PTB configurations (DESIGN §4; Cerebras online-normalization, experiments/recurrent).
+"""The paper's six PTB configurations (docs/design.md §4; Cerebras online-normalization, experiments/recurrent).
 
 Shared by all: one layer of 200 units, tied 200-d embeddings, batch 20, BPTT
 length uniform in 2..128 per segment, SGD without momentum, weight decay 1e-6,

@@ -56,6 +56,8 @@ from collections import deque
 
 import torch
 
+PEAK_STEPS = 300  # every run records the largest per-step training loss of its first PEAK_STEPS steps
+
 
 def ramp_length(step: int, steps: int, start: int, end: int) -> int | None:
     """The length cap K before optimizer step ``step`` (0-based): ``start`` rising linearly to ``end`` over
@@ -74,9 +76,14 @@ def truncation(cfg, step: int, undone: bool = False) -> int | None:
 
 
 def watched(cfg, step: int, segment_length: int) -> bool:
-    """Whether ``warmup="retry"`` or ``"undo"`` watches this step: during the warm-up, a segment longer than the
+    """Whether ``warmup="retry"`` watches this step's gradient: during the warm-up, a segment longer than the
     truncation a retaken step would get (a shorter one would be retaken unchanged)."""
-    return cfg.warmup in ("retry", "undo") and step < cfg.warmup_steps and segment_length > cfg.warmup_from
+    return cfg.warmup == "retry" and step < cfg.warmup_steps and segment_length > cfg.warmup_from
+
+
+def checked(cfg, step: int) -> bool:
+    """Whether ``warmup="undo"`` checks the update of step ``step`` for damage: every step of the warm-up."""
+    return cfg.warmup == "undo" and step < cfg.warmup_steps
 
 
 def segment_cap(cfg, step: int) -> int | None:

@@ -100,7 +100,8 @@ def stop_on_signals(flag: dict):
 class Trainer:
     """One training run writing into ``cfg.out``; ``run()`` trains and returns the summary dict."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True, label: str = ""):
+    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True, label: str = "",
+                 log_every: int | None = None):
         data_dir = resolve_data_dir(cfg.data)
         cfg = replace(cfg, data=str(data_dir))  # the saved config names the folder actually used
         self.cfg, self.label = cfg, f"{label} " if label else ""
@@ -129,6 +130,10 @@ class Trainer:
                       if cfg.warmup == "retry" else None)
         self.epoch, self.pos, self.step = 0, 0, 0
         self.first_undo: int | None = None  # warmup="undo": the step of the first undone update
+        self.warmup_peak: float | None = None  # the largest per-step training loss of the first PEAK_STEPS steps
+        if log_every is not None and log_every < 1:
+            raise ValueError(f"log_every must be positive, got {log_every}")
+        self.log_every, self.steps_log = log_every, self.out / "steps.jsonl"
         self.hidden = self.model.init_hidden(self.train_data.shape[1])
         self.sums = {"loss": 0.0, "tokens": 0, "seconds": 0.0}
         self.best = {"valid_ppl": None}
@@ -151,7 +156,7 @@ class Trainer:
                 "history": list(self.history), "world_size": self.ranks.world, "rank_states": rank_states,
                 "clip": self.clipper.state_dict() if self.clipper is not None else None,
                 "retry": self.guard.state_dict() if self.guard is not None else None,
-                "first_undo": self.first_undo}
+                "first_undo": self.first_undo, "warmup_peak": self.warmup_peak}
         return payload
 
     @contextlib.contextmanager
@@ -194,6 +199,10 @@ class Trainer:
         if self.guard is not None and t.get("retry"):
             self.guard.load_state_dict(t["retry"])
         self.first_undo = t.get("first_undo")
+        self.warmup_peak = t.get("warmup_peak")
+        if self.log_every is not None and self.ranks.main and self.steps_log.exists():  # the lines after the
+            kept = [ln for ln in self.steps_log.read_text().splitlines() if json.loads(ln)["step"] < self.step]
+            self._write_json_lines(self.steps_log, [json.loads(ln) for ln in kept])  # checkpoint are retaken
 
     def save(self) -> None:
         with self._reconciled() as own:
@@ -215,9 +224,12 @@ class Trainer:
         return self.epoch >= self.cfg.epochs or (self.cfg.max_steps is not None and self.step >= self.cfg.max_steps)
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One optimizer step on the segment (x, y) with the robust start's checks; returns the segment's loss
+        before the update (and logs the step when asked)."""
         self.hidden = detach_hidden(self.hidden)
         watched = robust_start.watched(self.cfg, self.step, x.shape[0])
-        before = self._snapshot(params=self.cfg.warmup == "undo") if watched else None
+        checked = robust_start.checked(self.cfg, self.step)
+        before = self._snapshot(params=checked) if watched or checked else None
         truncate = robust_start.truncation(self.cfg, self.step, undone=self.first_undo is not None)
         value, hidden = self._forward_backward(x, y, truncate)
         norm = self._grad_norm()
@@ -226,16 +238,43 @@ class Trainer:
         if self.guard is not None and self.guard.recording(self.step):
             self.guard.add(norm)
         self._update()
-        if watched and self.cfg.warmup == "undo" and self._damaged(x, y, value):
-            self._load_snapshot(before)  # the update undone: weights, statistics and random state as before it
-            _, hidden = self._forward_backward(x, y, self.cfg.warmup_from)
-            norm = self._grad_norm()
-            self._update()
-            self.sums["retries"] = self.sums.get("retries", 0) + 1
-            self.first_undo = self.step if self.first_undo is None else self.first_undo
-        self.hidden = hidden
+        outcome = "as written"
+        if checked and self._damaged(x, y, value):
+            norm, outcome = self._undo(x, y, before, value, norm)
+            truncate = self.cfg.warmup_from
+        self.hidden = hidden  # the forward is the same whatever the backward and the update do
         self.sums["grad_norm_max"] = max(self.sums.get("grad_norm_max", 0.0), norm)
+        if self.step < robust_start.PEAK_STEPS:
+            self.warmup_peak = value if self.warmup_peak is None else max(self.warmup_peak, value)
+        self._log_step({"step": self.step, "segment": x.shape[0], "loss": value, "grad_norm": norm,
+                        "lr": self.optimizer.param_groups[0]["lr"] * robust_start.lr_factor(self.cfg, self.step),
+                        "truncation": truncate, "undone": outcome})
         return value
+
+    def _undo(self, x: torch.Tensor, y: torch.Tensor, before: dict, value: float, norm: float) -> tuple[float, str]:
+        """``warmup="undo"``: the update just taken did damage (``_damaged``).  Undo it and take it again with the
+        backward truncated at ``warmup_from`` steps; that retaken update is checked by the same rule, and when it
+        does damage too (or the segment is too short for the truncation to change anything) it is undone as well
+        and the step makes no update.  Returns the gradient norm (the retaken one, or ``norm`` as written) and
+        "retaken" or "skipped"."""
+        self._load_snapshot(before)  # weights, statistics and random state as before the step
+        self.sums["retries"] = self.sums.get("retries", 0) + 1
+        self.first_undo = self.step if self.first_undo is None else self.first_undo
+        if x.shape[0] > self.cfg.warmup_from:
+            self._forward_backward(x, y, self.cfg.warmup_from)
+            retaken = self._grad_norm()
+            self._update()
+            if not self._damaged(x, y, value):
+                return retaken, "retaken"
+            self._load_snapshot(before)
+        self.sums["skipped"] = self.sums.get("skipped", 0) + 1
+        return norm, "skipped"
+
+    def _log_step(self, record: dict) -> None:
+        """``log_every``: one line of steps.jsonl per that many steps (the main process)."""
+        if self.log_every is not None and self.ranks.main and self.step % self.log_every == 0:
+            with open(self.steps_log, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def _update(self) -> None:
         """Clipping (when asked for), then the SGD step at this step's learning rate."""
@@ -388,7 +427,8 @@ class Trainer:
                   "valid_loss": valid["loss"], "valid_ppl": valid["perplexity"],
                   "valid_ppl_mean_batch_exp": valid["perplexity_mean_batch_exp"],
                   "lr": self.optimizer.param_groups[0]["lr"], "grad_norm_max": s.get("grad_norm_max"),
-                  "retries": s.get("retries", 0),
+                  "retries": s.get("retries", 0), "skipped": s.get("skipped", 0),
+                  "warmup_peak_loss": self.warmup_peak,
                   "time_s": s["seconds"],
                   "tokens_per_s": s["tokens"] / s["seconds"] if s["seconds"] else None}
         self.history.append(record)

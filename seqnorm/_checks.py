@@ -15,7 +15,7 @@ def check_positive(name: str, value: float) -> float:
 
 
 def check_v_decay_min(value):
-    """The v-decay floor (DESIGN §2): a float in [0, 1), or None for no floor."""
+    """The v-decay floor (docs/design.md §2): a float in [0, 1), or None for no floor."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:

@@ -78,6 +78,24 @@ def _automatic(device: torch.device, dtype: torch.dtype) -> str:
     return "torch"
 
 
+def describe_path(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """In words, the path ``backend="auto"`` takes for ``dtype`` tensors on ``device`` (for a program's log)."""
+    backend = os.environ.get(ENV_VAR, "auto")
+    if backend == "auto":
+        if device.type == "cuda" and dtype in TRITON_DTYPES:
+            return "the Triton kernels" if triton_installed() else (
+                "the plain-PyTorch path: Triton is not installed (pip install 'seqnorm[triton]' for the fused kernels)")
+        if device.type == "cpu" and dtype == torch.float32:
+            if not cpu_kernels_available():
+                return "the plain-PyTorch path: the C kernels do not build here (set $CC)"
+            from .kernels import cpu_step
+
+            isa = cpu_step.target_isa() or "the compiler's default ISA"
+            return f"the C kernels ({isa}, time loop {'in C' if cpu_loop() == 'native' else 'in Python'})"
+        return "the plain-PyTorch path"
+    return f"backend {backend!r} (${ENV_VAR})"
+
+
 _warned = set()
 
 

@@ -1,6 +1,6 @@
 """Normalized recurrent cells: one time step, differentiated by autograd.
 
-LSTM (DESIGN §3): the four gate pre-activations (i, f, g, o, the layout of
+LSTM (docs/design.md §3): the four gate pre-activations (i, f, g, o, the layout of
 ``torch.nn.LSTMCell``) are normalized together by one normalizer whose
 grouped parts (layer scaling, layer norm) work per gate; the memory cell is
 not normalized unless ``norm_cell=True``, which normalizes c' before the

@@ -2,7 +2,7 @@
 
 Online Normalization's state (``running_mean``, ``running_var``, ``control_u``,
 ``control_v``) is a streaming estimate that each rank updates from its own
-samples (DESIGN §2).  Plain DDP broadcasts rank 0's buffers to every rank at
+samples (docs/design.md §2).  Plain DDP broadcasts rank 0's buffers to every rank at
 each forward, which throws the other ranks' statistics and their whole control
 process away every step.  So:
 

@@ -26,7 +26,7 @@ def canonical_norm(norm):
 
 @dataclass(frozen=True)
 class OnlineNormConfig:
-    """Online Normalization hyperparameters for a cell or layer (DESIGN §2)."""
+    """Online Normalization hyperparameters for a cell or layer (docs/design.md §2)."""
 
     alpha_fwd: float = 1 - 2**-13
     alpha_bkw: float = 1 - 2**-5

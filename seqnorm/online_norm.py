@@ -1,4 +1,4 @@
-"""Online Normalization (Chiley et al., NeurIPS 2019), DESIGN §2, paper eqs. 8-12.
+"""Online Normalization (Chiley et al., NeurIPS 2019), docs/design.md §2, paper eqs. 8-12.
 
 A streaming normalizer: rows of an (N, C, *L) input are samples, processed one
 at a time in row order, and calls in call order.  The forward pass normalizes
@@ -218,7 +218,7 @@ class OnlineNorm(nn.Module):
     ecm: ``"ls"`` layer scaling over groups of ``ls_group_size`` features
     (default: all C), ``"ac"`` activation clamping at ``clamp_value``, ``"none"``.
     v_decay_min: floor on v's per-row decay in eq. 11, as in the reference's
-    recurrent experiments (DESIGN §2); None gives the paper's printed equations.
+    recurrent experiments (docs/design.md §2); None gives the paper's printed equations.
     State buffers (saved in the state_dict; float32, or float64 for a float64
     module, never lower): running_mean, running_var, control_u, control_v.
     """

@@ -14,7 +14,7 @@ An op may not mutate the inputs it differentiates, so the Online
 Normalization state goes in as tensors and comes out as new tensors (the
 forward's mu and var, the backward's u and v); the layer (forward) and this
 module's autograd formula (backward) copy them into the buffers, in the order
-of DESIGN §2.  Absent optional results come back as empty tensors.
+of docs/design.md §2.  Absent optional results come back as empty tensors.
 """
 from __future__ import annotations
 

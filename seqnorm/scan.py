@@ -1,6 +1,6 @@
 """Linear recurrences over rows: h[n+1] = a[n] * h[n] + b[n].
 
-Every per-row update of Online Normalization (DESIGN §2) has this form:
+Every per-row update of Online Normalization (docs/design.md §2) has this form:
 the forward mean and variance and the backward accumulator ``u`` with a
 constant coefficient (alpha_fwd, alpha_bkw), the backward accumulator ``v``
 with a per-row coefficient ``1 - (1 - alpha_bkw) * y**2``.  Running them as

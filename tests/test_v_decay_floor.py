@@ -1,4 +1,4 @@
-"""The v-decay floor of the control process (DESIGN §2, eq. 11) in every implementation.
+"""The v-decay floor of the control process (docs/design.md §2, eq. 11) in every implementation.
 
     v <- max(1 - (1 - alpha_bkw) * y**2, v_decay_min) * v + g * y      (None: no floor)
 

@@ -1,6 +1,6 @@
 /* One time step of a normalized LSTM/RNN layer on the CPU: the C twin of the
  * Triton kernels in step.py (same equations, same arguments, same row order;
- * see step.py's docstring for the math and DESIGN §2 for the equations).
+ * see step.py's docstring for the math and docs/design.md §2 for the equations).
  * float32 only.  Built at first use by cpu_step.py and called through ctypes.
  *
  * Within each gate, rows are processed in order 0..B-1, every feature of a
@@ -50,10 +50,40 @@ static inline int threads_for(int64_t work) {
 #define SIMD_PRAGMA(x) _Pragma(#x)
 #define SIMD_SUM(...) SIMD_PRAGMA(omp simd reduction(+ : __VA_ARGS__))
 
-static inline float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
+/* fmaxf / fminf as selects, which vectorize without -ffinite-math-only; a NaN x gives y, as fmaxf(NaN, y) does. */
+static inline float max_(float x, float y) { return x > y ? x : y; }
+static inline float min_(float x, float y) { return x < y ? x : y; }
+
+/* exp(x) in plain arithmetic, so that the loops around it vectorize with no vector math library (glibc's expf
+ * vectorizes only under -ffast-math): x = n ln2 + r with n = round(x / ln2) and ln2 split in two (Cody-Waite),
+ * exp(r) by Cephes' degree-6 polynomial (max relative error about 2 ulp on |r| <= ln2 / 2), times 2^n built in
+ * the exponent bits (under 1 ulp from exp on [-87, 88]).  x is clamped to [-87, 88], where 2^n is a normal
+ * float: exp(-87) = 1.6e-38 stands for anything smaller and exp(88) = 1.7e38 for anything larger, so sigmoid and
+ * tanh saturate to their limits; a NaN stays NaN.  The same instructions on every CPU of the build's ISA give the
+ * same bits (cpu_step.py fixes the ISA). */
+static inline float expf_(float in) {
+    float x = min_(max_(in, -87.0f), 88.0f); /* a NaN becomes -87 here, and is given back at the end */
+    const float shift = 12582912.0f; /* 1.5 * 2^23: adding and subtracting it rounds to an integer */
+    float n = (x * 1.44269504088896341f + shift) - shift;
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return in == in ? p * scale : in;
+}
+
+static inline float sigmoidf_(float x) { return 1.0f / (1.0f + expf_(-x)); }
 
 static inline float tanhf_(float x) {
-    float e = expf(-2.0f * fabsf(x));
+    float e = expf_(-2.0f * fabsf(x));
     float t = (1.0f - e) / (1.0f + e);
     return x < 0.0f ? -t : t;
 }
@@ -104,7 +134,7 @@ static void gate_forward(const Params *p, const float *x, float *mu, float *var,
         for (int64_t j = 0; j < H; j++) z[j] *= inv;
     } else if (p->norm == NORM_ONLINE && p->ecm == ECM_AC) {
         const float c = p->clamp_value;
-        for (int64_t j = 0; j < H; j++) z[j] = fminf(fmaxf(z[j], -c), c);
+        for (int64_t j = 0; j < H; j++) z[j] = min_(max_(z[j], -c), c);
     }
 }
 
@@ -145,7 +175,7 @@ static void gate_backward(const Params *p, float *d, const float *y, const float
         for (int64_t j = 0; j < H; j++) {
             if (p->training) {
                 float gt = d[j] - bb * v[j] * y[j];                   /* eq. 11a */
-                float decay = fmaxf(1.0f - bb * y[j] * y[j], floor_); /* eq. 11b, v + gt y, with the floor */
+                float decay = max_(1.0f - bb * y[j] * y[j], floor_); /* eq. 11b, v + gt y, with the floor */
                 float nv = decay * v[j] + d[j] * y[j];
                 float dx = gt * s[j] - bb * u[j]; /* eq. 12a */
                 float nu = u[j] + dx;             /* eq. 12b */
@@ -249,7 +279,7 @@ void rnn_forward_step(const Params *p, const float *pre, const float *c_prev, fl
         float *restrict h = act + row, *restrict hn = h_next + row;
         gate_forward(p, pre + row, mu, var, gamma, beta, y + row, s + row, iz + b, h);
         for (int64_t j = 0; j < H; j++) {
-            h[j] = p->relu ? fmaxf(h[j], 0.0f) : tanhf_(h[j]);
+            h[j] = p->relu ? max_(h[j], 0.0f) : tanhf_(h[j]);
             hn[j] = h[j];
         }
     }
@@ -313,6 +343,7 @@ void gru_backward_step(const Params *p, const float *dh, const float *d_out, flo
         const int64_t row = b * GH, hrow = b * H;
         const float *r = act + row, *z = r + H, *n = r + 2 * H;  /* each three views of one buffer: */
         float *dr = dx + row, *dz = dr + H, *dn = dr + 2 * H, *dg = dgh + row; /* not restrict */
+        SIMD_PRAGMA(omp simd) /* safe: the views are disjoint H-ranges (dx, dh_direct and act are other buffers) */
         for (int64_t j = 0; j < H; j++) {
             float dht = dh[hrow + j] + d_out[hrow + j];
             dn[j] = dht * (1.0f - z[j]) * (1.0f - n[j] * n[j]);

@@ -1,6 +1,6 @@
 """Triton kernels: everything of one time step after the recurrent matmul, in one launch.
 
-Forward, per row b of step t (rows in order 0..B-1, DESIGN §2), for each gate
+Forward, per row b of step t (rows in order 0..B-1, docs/design.md §2), for each gate
 k of the G gates (LSTM: i, f, g, o; RNN: one) and the hidden units j of this
 program, given the pre-activation x = xproj[t] + h[t-1] W_hh^T:
 
