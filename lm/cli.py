@@ -49,6 +49,11 @@ def add_train_parser(sub):
                    "preset (gru-online, gru-layer, gru-none; not in the paper)")
     p.add_argument("--resume", action="store_true", help="continue exactly from OUT/last.pt if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--force", action="store_true", help="replace a run already in --out (default: refuse; --resume "
+                   "continues it)")
+    p.add_argument("--log-interval", type=int, default=None, metavar="N",
+                   help="print a line every N steps: step, loss, perplexity, lr, tokens/s (default: one line per epoch)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's own choice)")
     p.add_argument("--log-every", type=int, default=None, metavar="N",
                    help="write one line per N steps to OUT/steps.jsonl: step, segment length, loss before the update, "
                         "gradient norm, lr, truncation, undone (default: none)")
@@ -133,7 +138,7 @@ def cmd_train(args) -> int:
 
     try:
         trainer = Trainer(train_config(args), resume=args.resume, progress=not args.no_progress,
-                          log_every=args.log_every)
+                          log_every=args.log_every, log_interval=args.log_interval, force=args.force)
         summary, main = trainer.run(), trainer.ranks.main
         del trainer  # its DDP wrapper holds the process group: released here, not at interpreter exit
         gc.collect()
@@ -158,6 +163,7 @@ def add_eval_parser(sub):
     p.add_argument("--batch-size", type=int, default=10, help="evaluation batch size (default: 10)")
     p.add_argument("--bptt", type=int, default=32, help="segment length (default: 32)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto, CUDA when torch sees one)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's own choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
@@ -187,6 +193,7 @@ def add_generate_parser(sub):
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--prompt", default="", help="text to start from; every word must be in the vocabulary")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto, CUDA when torch sees one)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's own choice)")
     p.set_defaults(func=cmd_generate)
 
 
@@ -217,6 +224,7 @@ def add_compare_parser(sub):
     p.add_argument("--as-written", action="store_true", help="no robust start in any run: the presets exactly as "
                    "the paper printed them (default: the robust start, docs/robust_start.md)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto, CUDA when torch sees one)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's own choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--summarize", action="store_true", help="train nothing: the table and plot of the runs already "
                    "finished (or diverged) in OUT, naming the missing ones (an interim table of a long grid)")
@@ -250,6 +258,26 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def add_summarize_parser(sub):
+    p = sub.add_parser("summarize", help="table and plot of any run folders, grouped by configuration",
+                       description="Read the summary.json of each run folder (train's --out, or compare's "
+                       "OUT/<preset>-seed<S>) and write results.json, results.md (median, min-max of best "
+                       "validation and test perplexity per configuration, one row per run) and valid_ppl.png "
+                       "into --out. Runs that differ only in seed, folder, data path or device form one group.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders")
+    p.add_argument("--out", required=True, help="where to write the table and plot")
+    p.set_defaults(func=cmd_summarize)
+
+
+def cmd_summarize(args) -> int:
+    from . import compare as compare_mod
+
+    results = compare_mod.summarize_folders(args.runs, args.out)
+    print(compare_mod.markdown_table(results["table"], results["missing"]))
+    print(f"wrote {args.out}/results.json and results.md")
+    return 0
+
+
 def add_data_parser(sub):
     p = sub.add_parser("data", help="download and verify a dataset")
     p.add_argument("dataset", choices=("ptb",), help="the dataset")
@@ -275,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seqnorm-lm", description="Word-level language modeling with normalized "
                                      "RNN/LSTM cells (seqnorm) on Penn Treebank or any plain-text corpus.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_train_parser, add_eval_parser, add_compare_parser, add_generate_parser, add_data_parser):
+    for add in (add_train_parser, add_eval_parser, add_compare_parser, add_summarize_parser, add_generate_parser,
+                add_data_parser):
         add(sub)
     return parser
 
@@ -288,8 +317,17 @@ def main(argv=None) -> int:
     from .train import resolve_device
 
     try:
-        if getattr(args, "device", None) is not None:
-            device = resolve_device(args.device)  # every subcommand: a clear error before any work
+        if getattr(args, "threads", None) is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads must be positive, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
+        if args.command != "data" and args.command != "summarize":
+            named = getattr(args, "device", None)  # train: absent unless given (the preset's or TrainConfig's auto)
+            device = resolve_device(named or "auto")  # every subcommand: a clear error before any work
+            if named is not None:
+                args.device = str(device)  # "auto" resolved once, for the subcommand's own use
             print(f"seqnorm-lm {args.command}: device {device}; seqnorm layers run {describe_path(device)}",
                   file=sys.stderr)
         return args.func(args)

@@ -173,7 +173,7 @@ def summarize(runs: list[dict]) -> dict:
                        "diverged": sum(r["preset"] == name and r["status"] == "diverged" for r in runs),
                        "retaken": sum(_retaken(r) for r in done),
                        "steps": sorted({r["steps"] for r in done}),
-                       "paper_valid": _paper(PRESETS[name].paper_valid_ppl)}
+                       "paper_valid": _paper(PRESETS[name].paper_valid_ppl) if name in PRESETS else None}
     return table
 
 
@@ -182,9 +182,9 @@ def _retaken(run: dict) -> int:
     return sum(h.get("retries", 0) for h in run["history"] if h["event"] == "epoch")
 
 
-def _family(preset: str) -> str:
-    """'lstm', 'rnn' or 'gru': the cell family of a preset."""
-    return PRESETS[preset].cell.split("-")[0]
+def _family(run: dict) -> str:
+    """'lstm', 'rnn' or 'gru': the cell family of a run."""
+    return run["config"]["cell"].split("-")[0]
 
 
 def _kind(cell: str) -> str:
@@ -254,16 +254,15 @@ def plot_validation(runs: list[dict], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    cells = list(dict.fromkeys(_family(r["preset"]) for r in runs))
+    cells = list(dict.fromkeys(_family(r) for r in runs))
     fig, axes = plt.subplots(1, len(cells), figsize=(6 * len(cells), 4.5), squeeze=False)
-    colors = {name: f"C{k}" for k, name in enumerate(dict.fromkeys(PRESETS[r["preset"]].norm for r in runs))}
+    colors = {name: f"C{k}" for k, name in enumerate(dict.fromkeys(r["preset"] for r in runs))}
     finite = [h["valid_ppl"] for r in runs if r["status"] == "finished" for h in r["history"]]
     top = min(max(finite, default=OFF_SCALE), OFF_SCALE)
     for ax, cell in zip(axes[0], cells):
-        for r in (r for r in runs if _family(r["preset"]) == cell):
-            norm = PRESETS[r["preset"]].norm
-            label = f"{cell}-{norm} seed {r['seed']}"
-            style = dict(color=colors[norm], linestyle=("-", "--", ":", "-.")[r["seed"] % 4])
+        for r in (r for r in runs if _family(r) == cell):
+            label = f"{r['preset']} seed {r['seed']}"
+            style = dict(color=colors[r["preset"]], linestyle=("-", "--", ":", "-.")[r["seed"] % 4])
             if r["status"] == "diverged":
                 ax.axvline(r.get("step", 0), **style, label=f"{label}: diverged at step {r.get('step')}")
                 continue
@@ -272,7 +271,7 @@ def plot_validation(runs: list[dict], path: Path) -> bool:
             ax.plot(steps, [min(v, top) for v in ppl], marker="o", **style, alpha=0.85,
                     label=label + (f" (× above {top:.0e}, off scale)" if off else ""))
             ax.plot([s for s, v in zip(steps, ppl) if v > top], [top] * sum(v > top for v in ppl), "x",
-                    color=colors[norm], markersize=10)
+                    color=colors[r["preset"]], markersize=10)
         ax.set_title(f"PTB {cell.upper()}: validation perplexity per epoch ({_kind(cell)})", fontsize=10)
         ax.set_xlabel("training step (optimizer updates)")
         ax.set_ylabel("validation perplexity (corpus, log scale)")
@@ -282,3 +281,56 @@ def plot_validation(runs: list[dict], path: Path) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+GROUP_IGNORED = ("seed", "out", "data", "device")  # runs that differ only in these form one group
+
+
+def summarize_folders(folders, out) -> dict:
+    """``seqnorm-lm summarize``: the table and per-epoch plot of any run folders, grouped by configuration (all
+    settings but seed, folder, data path and device).  A group is named by its preset when it is one, else by
+    its cell and norm and the settings in which the groups differ.  Writes ``results.json``, ``results.md`` and
+    ``valid_ppl.png`` into ``out``; folders without a finished or diverged run are listed as unfinished."""
+    runs, unfinished = [], []
+    for folder in map(Path, folders):
+        record = next((folder / n for n in ("summary.json", "diverged.json") if (folder / n).exists()), None)
+        summary = json.loads(record.read_text()) if record is not None else None
+        if summary is None or summary.get("status") not in ("finished", "diverged") or "config" not in summary:
+            if not folder.is_dir():
+                raise FileNotFoundError(f"{folder} is not a folder")
+            unfinished.append(str(folder))
+            continue
+        runs.append({**summary, "folder": str(folder), "seed": summary["config"]["seed"]})
+    if not runs:
+        raise ValueError(f"none of {', '.join(map(str, folders))} holds a finished or diverged run (summary.json)")
+    names = _group_names([r["config"] for r in runs])
+    for run in runs:
+        run["preset"] = names[_group_key(run["config"])]
+    results = {"status": "finished", "runs": runs, "table": summarize(runs), "missing": unfinished}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    folders_table = "\n".join(f"- {r['preset']} seed {r['seed']}: `{r['folder']}`" for r in runs)
+    (out / "results.md").write_text(markdown_table(results["table"], unfinished) + "\n" + runs_table(runs)
+                                    + "\nRun folders:\n\n" + folders_table + "\n")
+    plot_validation(runs, out / "valid_ppl.png")
+    return results
+
+
+def _group_key(config: dict) -> str:
+    return json.dumps({k: v for k, v in sorted(config.items()) if k not in GROUP_IGNORED})
+
+
+def _group_names(configs: list[dict]) -> dict:
+    """{group key: name}: the preset's name where a group is a preset with every other setting at its default,
+    else cell-norm and the settings that tell the groups apart."""
+    groups = {_group_key(c): c for c in configs}
+    varying = sorted(k for k in set().union(*groups.values()) if k not in GROUP_IGNORED
+                     and len({json.dumps(c.get(k)) for c in groups.values()}) > 1)
+    names = {}
+    for key, config in groups.items():
+        preset = next((n for n, p in PRESETS.items() if _group_key(json.loads(json.dumps(asdict(
+            TrainConfig(**p.train_fields()))))) == key), None)
+        detail = ", ".join(f"{k}={config.get(k)}" for k in varying if k not in ("cell", "norm"))
+        names[key] = preset or f"{config['cell']}-{config['norm']}" + (f" ({detail})" if detail else "")
+    return names

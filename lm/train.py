@@ -18,6 +18,7 @@ import math
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, replace
@@ -97,11 +98,16 @@ def stop_on_signals(flag: dict):
             signal.signal(s, h)
 
 
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "summary.json", "steps.jsonl", "diverged.json")
+RESUME_IGNORED = ("out", "device", "data")  # where a run lies, runs and reads its corpus (checked by SHA-256)
+RESUME_REFUSED = ("seed", "batch_size", "tokenizer", "vocab_size")  # another run; architecture: check_model_config
+
+
 class Trainer:
     """One training run writing into ``cfg.out``; ``run()`` trains and returns the summary dict."""
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True, label: str = "",
-                 log_every: int | None = None):
+                 log_every: int | None = None, log_interval: int | None = None, force: bool = False):
         data_dir = resolve_data_dir(cfg.data)
         cfg = replace(cfg, data=str(data_dir))  # the saved config names the folder actually used
         self.cfg, self.label = cfg, f"{label} " if label else ""
@@ -110,6 +116,7 @@ class Trainer:
         self.progress = progress and self.ranks.main
         columns = self.ranks.columns(cfg.batch_size)
         last = self.out / "last.pt"
+        self._claim_folder(resume, force)
         ckpt = load_checkpoint(last) if resume and last.exists() else None
         vocab = vocab_from_state(ckpt["vocab"]) if ckpt and cfg.tokenizer == "sentencepiece" else None
         self.corpus = load_corpus(data_dir, cfg.tokenizer, cfg.vocab_size, vocab=vocab)
@@ -134,6 +141,9 @@ class Trainer:
         if log_every is not None and log_every < 1:
             raise ValueError(f"log_every must be positive, got {log_every}")
         self.log_every, self.steps_log = log_every, self.out / "steps.jsonl"
+        if log_interval is not None and log_interval < 1:
+            raise ValueError(f"log_interval must be positive, got {log_interval}")
+        self.log_interval = log_interval
         self.hidden = self.model.init_hidden(self.train_data.shape[1])
         self.sums = {"loss": 0.0, "tokens": 0, "seconds": 0.0}
         self.best = {"valid_ppl": None}
@@ -173,9 +183,23 @@ class Trainer:
         finally:
             load_states(self.model, own[self.ranks.rank])
 
+    def _claim_folder(self, resume: bool, force: bool) -> None:
+        """A new run never overwrites another: ``--out`` holding a run's files is an error unless ``resume``
+        (continue it) or ``force`` (its files are removed first)."""
+        held = [name for name in RUN_FILES if (self.out / name).exists()]
+        if not held or resume:
+            return
+        if not force:
+            raise ValueError(f"{self.out} already holds a run ({', '.join(held)}); continue it with --resume, or "
+                             f"replace it with --force")
+        if self.ranks.main:
+            for name in held:
+                (self.out / name).unlink()
+
     def _restore(self, ckpt: dict, path: Path) -> None:
         check_vocab(ckpt, self.corpus.vocab, path)
         check_model_config(ckpt, self.model_cfg, path)
+        changes = self._resume_changes(ckpt, path)
         if "train" not in ckpt:
             raise ValueError(f"checkpoint {path} has no training state to resume from")
         t = ckpt["train"]
@@ -188,6 +212,7 @@ class Trainer:
             load_states(self.model, t["rank_states"][self.ranks.rank])
         self.optimizer.load_state_dict(t["optimizer"])
         self.scheduler.load_state_dict(t["scheduler"])
+        self._apply_optimizer_changes(changes)
         self.lengths.load_state_dict(t["lengths"])
         set_rng_state(t["rng"])
         self.epoch, self.pos, self.step = t["epoch"], t["pos"], t["step"]
@@ -203,6 +228,40 @@ class Trainer:
         if self.log_every is not None and self.ranks.main and self.steps_log.exists():  # the lines after the
             kept = [ln for ln in self.steps_log.read_text().splitlines() if json.loads(ln)["step"] < self.step]
             self._write_json_lines(self.steps_log, [json.loads(ln) for ln in kept])  # checkpoint are retaken
+
+    def _resume_changes(self, ckpt: dict, path: Path) -> dict:
+        """The training settings given now that differ from the checkpoint's: {name: (saved, given)}.  Those that
+        would make it another run (``RESUME_REFUSED``, another corpus) are an error; the others apply from here
+        on, and one line says which."""
+        saved = {**asdict(TrainConfig()), **ckpt.get("train_config", {})}
+        given = asdict(self.cfg)
+        changes = {k: (saved[k], given[k]) for k in given if k not in RESUME_IGNORED and saved.get(k) != given[k]}
+        saved_corpus = ckpt.get("corpus_sha256")
+        if saved_corpus is not None and saved_corpus != self.corpus_sha256:
+            raise ValueError(f"checkpoint {path} was trained on another corpus (SHA-256 {saved_corpus[:12]}…, this "
+                             f"data {self.corpus_sha256[:12]}…)")
+        refused = {k: v for k, v in changes.items() if k in RESUME_REFUSED}
+        if refused:
+            said = ", ".join(f"--{k.replace('_', '-')} {b!r} (the run has {a!r})" for k, (a, b) in refused.items())
+            raise ValueError(f"cannot resume {path} with {said}: that would be another run; use another --out")
+        said = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+        self._say(f"resuming {self.out} at epoch {ckpt['train']['epoch'] + 1}, step {ckpt['train']['step']}: "
+                  + (f"applying {said} from here on" if changes else "every setting as saved"))
+        return changes
+
+    def _apply_optimizer_changes(self, changes: dict) -> None:
+        """A new lr, lr_decay or weight_decay over the restored optimizer and schedule (which carry the saved ones):
+        lr is the base rate, decayed by the epochs already done."""
+        if "weight_decay" in changes:
+            for group in self.optimizer.param_groups:
+                group["weight_decay"] = self.cfg.weight_decay
+        if "lr_decay" in changes:
+            self.scheduler.gamma = self.cfg.lr_decay
+        if "lr" in changes or "lr_decay" in changes:
+            self.scheduler.base_lrs = [self.cfg.lr for _ in self.optimizer.param_groups]
+            for group in self.optimizer.param_groups:
+                group["initial_lr"] = self.cfg.lr
+                group["lr"] = self.cfg.lr * self.cfg.lr_decay ** self.scheduler.last_epoch
 
     def save(self) -> None:
         with self._reconciled() as own:
@@ -404,6 +463,10 @@ class Trainer:
                 mean = self.sums["loss"] / self.sums["tokens"]
                 bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{safe_exp(mean):.1f}",
                                 tok_s=f"{self.sums['tokens'] / self.sums['seconds']:.0f}")
+                if self.log_interval and self.step % self.log_interval == 0:
+                    self._say(f"epoch {self.epoch + 1} | step {self.step} | loss {mean:.3f} | ppl {safe_exp(mean):.1f} | "
+                              f"lr {self.optimizer.param_groups[0]['lr']:.4g} | "
+                              f"{self.sums['tokens'] / self.sums['seconds']:.0f} tok/s | undone {self.sums.get('retries', 0)}")
                 if should_stop is not None and should_stop(self.step):
                     stop["stop"] = True
         return True
@@ -434,7 +497,16 @@ class Trainer:
         self.history.append(record)
         if is_best:
             self.best = {"valid_ppl": valid["perplexity"], "epoch": self.epoch + 1, "step": self.step}
+        self._say(f"epoch {record['epoch']}/{self.cfg.epochs}{' (stopped)' if kind == 'end' else ''} | step "
+                  f"{record['step']} | train ppl {record['train_ppl']:.1f} | valid ppl {record['valid_ppl']:.1f} | "
+                  f"lr {record['lr']:.4g} | {record['time_s']:.0f} s | {record['tokens_per_s'] or 0:.0f} tok/s | "
+                  f"undone {record['retries']} | best {self.best['valid_ppl']:.1f} (epoch {self.best['epoch']})")
         return record
+
+    def _say(self, line: str) -> None:
+        """A progress line on stderr (the main process; below any progress bar)."""
+        if self.ranks.main:
+            tqdm.write(f"{self.label}{line}", file=sys.stderr)
 
     def run(self, should_stop=None) -> dict:
         """Train until ``cfg.epochs`` or ``cfg.max_steps``; returns the summary (also written to summary.json).
@@ -486,6 +558,7 @@ class Trainer:
         return summary
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, should_stop=None, label: str = "") -> dict:
-    """Train (``label`` names the run on its progress bars); returns the summary."""
-    return Trainer(cfg, resume=resume, progress=progress, label=label).run(should_stop)
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, should_stop=None, label: str = "",
+          force: bool = False) -> dict:
+    """Train (``label`` names the run on its progress bars and lines); returns the summary."""
+    return Trainer(cfg, resume=resume, progress=progress, label=label, force=force).run(should_stop)

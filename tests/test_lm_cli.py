@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from lm.checkpoint import load_checkpoint
 from lm.cli import build_parser, main
 from lm.train import TrainConfig
 from lm_helpers import ptb_dir, write_corpus
@@ -109,8 +110,8 @@ def test_sigint_saves_and_resume_matches_uninterrupted(tmp_path):
 
 @pytest.mark.trajectory
 def test_paper_lstm_online_preset_trains_and_diverges_without_the_floor(tmp_path, capsys, record_property):
-    """The paper's setting (lr 6.5, no clipping, the default robust start) with the reference's v-decay floor;
-    --v-decay-min none diverges: the robust start does not replace the floor."""
+    """The paper's setting (lr 6.5, no clipping, the default robust start) with the reference's v-decay floor
+    trains; without the floor (--v-decay-min none) the setting as written diverges within 40 steps."""
     common = ["train", "--preset", "paper-lstm-online", "--data", str(ptb_dir()), "--max-steps", "40", "--no-progress"]
     assert main([*common, "--out", str(tmp_path / "floor")]) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -121,14 +122,14 @@ def test_paper_lstm_online_preset_trains_and_diverges_without_the_floor(tmp_path
     record_property("train_loss", f"{history[-1]['train_loss']:.3f} < {start - 0.5:.3f}")
     assert history[-1]["train_loss"] < start - 0.5 and history[-1]["valid_loss"] < start - 1.5
     assert math.isfinite(summary["test_ppl"])
-    assert main([*common, "--out", str(tmp_path / "none"), "--v-decay-min", "none"]) == 2
+    assert main([*common, "--out", str(tmp_path / "none"), "--v-decay-min", "none", "--as-written"]) == 2
     assert "diverged" in capsys.readouterr().err
 
 
 def one_line_error(capsys, command: str) -> str:
     """What a failed command printed: exactly one line on stderr, prefixed, no traceback."""
     err = capsys.readouterr().err
-    lines = err.strip().splitlines()
+    lines = [ln for ln in err.strip().splitlines() if not ln.startswith(f"seqnorm-lm {command}: device ")]
     assert len(lines) == 1 and lines[0].startswith(f"seqnorm-lm {command}: error: "), err
     assert "Traceback" not in err
     return lines[0]
@@ -157,6 +158,21 @@ def test_device_errors_on_every_subcommand(tiny_checkpoint, tmp_path, capsys):
         for command in ("eval", "generate"):
             assert main([command, *runs[command], "--device", "cuda"]) == 2
             assert "CUDA is not available" in one_line_error(capsys, command)
+
+
+def test_every_command_says_which_device_and_path_it_uses(tiny_checkpoint, capsys, monkeypatch):
+    from seqnorm import backend
+
+    data, ckpt = tiny_checkpoint
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(ckpt), "--data", str(data), "--no-progress"]) == 0  # --device auto
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert f"seqnorm-lm eval: device {want}" in capsys.readouterr().err
+    assert "the C kernels (" in backend.describe_path(torch.device("cpu")) or not backend.cpu_kernels_available()
+    monkeypatch.setattr(backend, "triton_installed", lambda: False)
+    assert "plain-PyTorch path: Triton is not installed" in backend.describe_path(torch.device("cuda"))
+    monkeypatch.setattr(backend, "triton_installed", lambda: True)
+    assert backend.describe_path(torch.device("cuda")) == "the Triton kernels"
 
 
 def test_vocabulary_mismatch_reports_the_real_sizes(tiny_checkpoint, capsys):
@@ -238,3 +254,69 @@ def test_gru_online_trains_40_steps_on_ptb(tmp_path, capsys, record_property):
     from lm import load_model
 
     assert isinstance(load_model(tmp_path / "gru" / "best.pt")[0].rnn, seqnorm.GRU)
+
+
+def _tiny(data, out, *extra):
+    return ["train", "--data", str(data), "--out", str(out), "--emsize", "8", "--nhid", "8", "--batch-size", "4",
+            "--bptt", "8", "--no-progress", *extra]
+
+
+def test_a_run_prints_a_line_per_epoch_and_one_per_log_interval(tmp_path, capsys):
+    data = write_corpus(tmp_path / "c")
+    assert main(_tiny(data, tmp_path / "a", "--max-steps", "3")) == 0
+    err = capsys.readouterr().err
+    epoch_lines = [ln for ln in err.splitlines() if ln.startswith("epoch ")]
+    assert len(epoch_lines) == 1 and "valid ppl" in epoch_lines[0] and "undone 0" in epoch_lines[0], err
+    assert main(_tiny(data, tmp_path / "b", "--max-steps", "3", "--log-interval", "1")) == 0
+    steps = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("epoch 1 | step ")]
+    assert [ln.split(" | ")[1] for ln in steps] == ["step 1", "step 2", "step 3"]
+
+
+def test_train_refuses_a_folder_holding_a_run_unless_resume_or_force(tmp_path, capsys):
+    data, out = write_corpus(tmp_path / "c"), tmp_path / "run"
+    assert main(_tiny(data, out, "--max-steps", "2")) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(_tiny(data, out, "--max-steps", "2", "--seed", "5")) == 2
+    line = one_line_error(capsys, "train")
+    assert "already holds a run" in line and "--resume" in line and "--force" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert main(_tiny(data, out, "--max-steps", "2", "--seed", "5", "--force")) == 0
+    assert json.loads((out / "summary.json").read_text())["config"]["seed"] == 5
+
+
+def test_resume_says_what_it_applies_and_refuses_another_model(tmp_path, capsys):
+    data, out = write_corpus(tmp_path / "c"), tmp_path / "run"
+    assert main(_tiny(data, out, "--max-steps", "2", "--lr", "1")) == 0
+    capsys.readouterr()
+    assert main(_tiny(data, out, "--max-steps", "4", "--lr", "0.5", "--resume")) == 0
+    err = capsys.readouterr().err
+    assert "applying max_steps 2 -> 4, lr 1.0 -> 0.5 from here on" in err, err
+    lr = load_checkpoint(out / "last.pt")["train"]["optimizer"]["param_groups"][0]["lr"]
+    assert lr == 0.5
+    bigger = ["train", "--data", str(data), "--out", str(out), "--emsize", "16", "--nhid", "16", "--batch-size", "4",
+              "--bptt", "8", "--no-progress", "--max-steps", "6", "--resume"]
+    assert main(bigger) == 2
+    assert "nhid=8 in the checkpoint vs 16 requested" in one_line_error(capsys, "train")
+    assert main(_tiny(data, out, "--max-steps", "6", "--seed", "9", "--resume")) == 2
+    assert "--seed 9 (the run has 0)" in one_line_error(capsys, "train")
+
+
+def test_summarize_tabulates_any_run_folders(tmp_path, capsys):
+    data = write_corpus(tmp_path / "c")
+    for name, extra in (("x", ["--lr", "1"]), ("y", ["--lr", "2"])):
+        assert main(_tiny(data, tmp_path / name, "--max-steps", "2", *extra)) == 0
+    assert main(["summarize", str(tmp_path / "x"), str(tmp_path / "y"), "--out", str(tmp_path / "t")]) == 0
+    table = (tmp_path / "t" / "results.md").read_text()
+    assert "lstm-online (lr=1.0)" in table and "lstm-online (lr=2.0)" in table
+    assert str(tmp_path / "x") in table and str(tmp_path / "y") in table
+
+
+def test_threads_sets_torchs_threads(tiny_checkpoint, capsys):
+    data, ckpt = tiny_checkpoint
+    saved = torch.get_num_threads()
+    try:
+        assert main(["eval", "--checkpoint", str(ckpt), "--data", str(data), "--threads", "1", "--no-progress"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(saved)
