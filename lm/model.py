@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import seqnorm
+from seqnorm.warmup import truncated_forward
 
 from .config import ModelConfig
 
@@ -64,17 +65,7 @@ class RNNLM(nn.Module):
         """``truncate=K``: backpropagate through at most K steps, cutting the graph (not the values) every K
         steps. The outputs and the statistics are those of one call (only between-layer dropout draws its masks
         per chunk); only the gradients change."""
-        emb = self.drop(self.encoder(ids))
-        if truncate is None or truncate >= emb.shape[0]:
-            out, hidden = self.rnn(emb, hidden)
-        else:
-            outs = []
-            for start in range(0, emb.shape[0], truncate):
-                if start:
-                    hidden = detach_hidden(hidden)
-                chunk, hidden = self.rnn(emb[start:start + truncate], hidden)
-                outs.append(chunk)
-            out = torch.cat(outs)
+        out, hidden = truncated_forward(self.rnn, self.drop(self.encoder(ids)), hidden, truncate)
         return self.decoder(self.drop(out)), hidden
 
 

@@ -29,7 +29,10 @@ The measures, each a ``TrainConfig`` field (``--as-written`` turns all off):
   update just taken, and an update that multiplied the segment's perplexity by
   more than ``undo_factor`` (100; its loss rose by more than log 100) is undone
   (weights, statistics, random state) and taken again with the backward
-  truncated at ``warmup_from`` steps.  From the first undone update on, the
+  truncated at ``warmup_from`` steps; that retaken update is checked by the same rule,
+  and when it does damage too it is undone as well and the step makes no update
+  ("skipped").  Every update of the warm-up is checked, short segments too
+  (``checked``).  From the first undone update on, the
   rest of the warm-up truncates every backward as ``"truncate"`` does (K(step)):
   a run that needed one undo is one whose gradients explode through time, and
   the next long segment would explode again (seed 6 of the ON-LSTM: the step
@@ -56,16 +59,15 @@ from collections import deque
 
 import torch
 
+from seqnorm.warmup import truncation_schedule
+
 PEAK_STEPS = 300  # every run records the largest per-step training loss of its first PEAK_STEPS steps
 
 
 def ramp_length(step: int, steps: int, start: int, end: int) -> int | None:
     """The length cap K before optimizer step ``step`` (0-based): ``start`` rising linearly to ``end`` over
     ``steps`` steps; None (no cap) from then on or once it reaches ``end``."""
-    if step >= steps:
-        return None
-    k = start + (end - start) * step // steps
-    return k if k < end else None
+    return truncation_schedule(step, steps, start, end)
 
 
 def truncation(cfg, step: int, undone: bool = False) -> int | None:

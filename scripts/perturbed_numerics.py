@@ -34,7 +34,7 @@ def run_setting(name: str, junit: Path, pytest_args: list[str]) -> int:
     print(f"== {name}: {' '.join(f'{k}={v}' for k, v in SETTINGS[name].items()) or '(as the machine is)'}",
           flush=True)
     command = [sys.executable, "-m", "pytest", "-m", "trajectory", "-q", "-p", "no:cacheprovider",
-               f"--junitxml={junit}", *pytest_args]
+               f"--junitxml={junit}", "-o", "junit_family=legacy", *pytest_args]  # legacy: keeps the properties
     return subprocess.run(command, cwd=REPO, env=env).returncode
 
 
