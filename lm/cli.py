@@ -51,6 +51,8 @@ def add_train_parser(sub):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--force", action="store_true", help="replace a run already in --out (default: refuse; --resume "
                    "continues it)")
+    p.add_argument("--tensorboard", metavar="DIR", help="also write the epoch records as TensorBoard scalars into "
+                   "DIR (needs the tensorboard package)")
     p.add_argument("--log-interval", type=int, default=None, metavar="N",
                    help="print a line every N steps: step, loss, perplexity, lr, tokens/s (default: one line per epoch)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's own choice)")
@@ -138,7 +140,8 @@ def cmd_train(args) -> int:
 
     try:
         trainer = Trainer(train_config(args), resume=args.resume, progress=not args.no_progress,
-                          log_every=args.log_every, log_interval=args.log_interval, force=args.force)
+                          log_every=args.log_every, log_interval=args.log_interval, force=args.force,
+                          tensorboard=args.tensorboard)
         summary, main = trainer.run(), trainer.ranks.main
         del trainer  # its DDP wrapper holds the process group: released here, not at interpreter exit
         gc.collect()

@@ -98,6 +98,15 @@ def stop_on_signals(flag: dict):
             signal.signal(s, h)
 
 
+def _summary_writer(folder: str):
+    """TensorBoard's writer (``--tensorboard``), from the optional ``tensorboard`` package."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ValueError(f"--tensorboard needs the tensorboard package (pip install tensorboard): {err}") from err
+    return SummaryWriter(folder)
+
+
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "summary.json", "steps.jsonl", "diverged.json")
 RESUME_IGNORED = ("out", "device", "data")  # where a run lies, runs and reads its corpus (checked by SHA-256)
 RESUME_REFUSED = ("seed", "batch_size", "tokenizer", "vocab_size")  # another run; architecture: check_model_config
@@ -107,7 +116,8 @@ class Trainer:
     """One training run writing into ``cfg.out``; ``run()`` trains and returns the summary dict."""
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True, label: str = "",
-                 log_every: int | None = None, log_interval: int | None = None, force: bool = False):
+                 log_every: int | None = None, log_interval: int | None = None, force: bool = False,
+                 tensorboard: str | None = None):
         data_dir = resolve_data_dir(cfg.data)
         cfg = replace(cfg, data=str(data_dir))  # the saved config names the folder actually used
         self.cfg, self.label = cfg, f"{label} " if label else ""
@@ -144,6 +154,7 @@ class Trainer:
         if log_interval is not None and log_interval < 1:
             raise ValueError(f"log_interval must be positive, got {log_interval}")
         self.log_interval = log_interval
+        self.board = _summary_writer(tensorboard) if tensorboard and self.ranks.main else None
         self.hidden = self.model.init_hidden(self.train_data.shape[1])
         self.sums = {"loss": 0.0, "tokens": 0, "seconds": 0.0}
         self.best = {"valid_ppl": None}
@@ -497,6 +508,11 @@ class Trainer:
         self.history.append(record)
         if is_best:
             self.best = {"valid_ppl": valid["perplexity"], "epoch": self.epoch + 1, "step": self.step}
+        if self.board is not None:
+            for name in ("train_ppl", "valid_ppl", "lr", "retries", "tokens_per_s"):
+                if record[name] is not None:
+                    self.board.add_scalar(f"{self.label}{name}".strip(), record[name], record["step"])
+            self.board.flush()
         self._say(f"epoch {record['epoch']}/{self.cfg.epochs}{' (stopped)' if kind == 'end' else ''} | step "
                   f"{record['step']} | train ppl {record['train_ppl']:.1f} | valid ppl {record['valid_ppl']:.1f} | "
                   f"lr {record['lr']:.4g} | {record['time_s']:.0f} s | {record['tokens_per_s'] or 0:.0f} tok/s | "

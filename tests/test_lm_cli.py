@@ -320,3 +320,31 @@ def test_threads_sets_torchs_threads(tiny_checkpoint, capsys):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(saved)
+
+
+def test_tensorboard_gets_the_epoch_scalars_or_a_clear_error(tmp_path, capsys, monkeypatch):
+    import lm.train as train_module
+
+    data = write_corpus(tmp_path / "c")
+    written = []
+
+    class FakeWriter:  # TensorBoard's SummaryWriter interface, without the package
+        def __init__(self, folder):
+            written.append(("open", folder))
+
+        def add_scalar(self, name, value, step):
+            written.append((name, step))
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(train_module, "_summary_writer", FakeWriter)
+    assert main(_tiny(data, tmp_path / "a", "--max-steps", "3", "--tensorboard", str(tmp_path / "tb"))) == 0
+    assert written[0] == ("open", str(tmp_path / "tb")) and ("valid_ppl", 3) in written
+    monkeypatch.undo()
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        capsys.readouterr()
+        assert main(_tiny(data, tmp_path / "b", "--max-steps", "3", "--tensorboard", str(tmp_path / "tb2"))) == 2
+        assert "pip install tensorboard" in one_line_error(capsys, "train")
