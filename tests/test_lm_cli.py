@@ -118,9 +118,11 @@ def test_paper_lstm_online_preset_trains_and_diverges_without_the_floor(tmp_path
     assert summary["status"] == "finished" and summary["steps"] == 40
     start = math.log(10_000)  # the loss of a uniform guess, where an initialized model starts
     history = json.loads((tmp_path / "floor" / "summary.json").read_text())["history"]
+    # the validation loss after 40 steps, not the mean training loss, which holds the chaotic first steps (it
+    # came within 0.09 of a former bound of start - 0.5 on one CPU setting: scripts/perturbed_numerics.py)
     record_property("valid_loss", f"{history[-1]['valid_loss']:.3f} < {start - 1.5:.3f}")
-    record_property("train_loss", f"{history[-1]['train_loss']:.3f} < {start - 0.5:.3f}")
-    assert history[-1]["train_loss"] < start - 0.5 and history[-1]["valid_loss"] < start - 1.5
+    record_property("train_loss", f"{history[-1]['train_loss']:.3f} (not asserted)")
+    assert history[-1]["valid_loss"] < start - 1.5
     assert math.isfinite(summary["test_ppl"])
     assert main([*common, "--out", str(tmp_path / "none"), "--v-decay-min", "none", "--as-written"]) == 2
     assert "diverged" in capsys.readouterr().err
@@ -248,8 +250,8 @@ def test_gru_online_trains_40_steps_on_ptb(tmp_path, capsys, record_property):
     (record,) = json.loads((tmp_path / "gru" / "summary.json").read_text())["history"]
     start = math.log(10_000)
     record_property("valid_loss", f"{record['valid_loss']:.3f} < {start - 1.0:.3f}")
-    record_property("train_loss", f"{record['train_loss']:.3f} < {start:.3f}")
-    assert record["train_loss"] < start and record["valid_loss"] < start - 1.0
+    record_property("train_loss", f"{record['train_loss']:.3f} (not asserted: a mean over the first steps)")
+    assert record["valid_loss"] < start - 1.0
     import seqnorm
     from lm import load_model
 
