@@ -83,10 +83,11 @@ def main(argv=None) -> int:
     print(text)
     if args.table:
         Path(args.table).write_text(text)
+    outcomes = [r["outcome"] for results in by_setting.values() for r in results.values()]
     if failed:
         print("failed: " + "; ".join(dict.fromkeys(failed)), file=sys.stderr)
-        return 1
-    return 0
+    print(f"perturbed: {outcomes.count('passed')} passed, {outcomes.count('failed')} failed")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
