@@ -36,14 +36,15 @@ def config(norm: str, lr: float, out: Path, data, seed: int, warmup: str) -> Tra
                           "out": str(out / f"{norm}-lr{lr:g}"), "warmup": warmup, **alphas})
 
 
-def jobs(norms):
-    return [(norm, lr) for norm in norms for lr in LRS[norm]]
+def jobs(norms, lrs=None):
+    """(norm, lr) of the sweep; ``lrs``: only these rates (e.g. one rate checked on more seeds)."""
+    return [(norm, lr) for norm in norms for lr in LRS[norm] if lrs is None or lr in lrs]
 
 
 def run(args) -> None:
     torch.set_num_threads(args.threads)
     k, n = (int(x) for x in args.worker.split("/"))
-    for norm, lr in jobs(args.norms)[k::n]:
+    for norm, lr in jobs(args.norms, args.lrs)[k::n]:
         cfg = config(norm, lr, Path(args.out), args.data, args.seed, args.warmup)
         if (Path(cfg.out) / "summary.json").exists() or (Path(cfg.out) / "diverged.json").exists():
             continue
@@ -81,6 +82,7 @@ def main() -> None:
     p.add_argument("--data")
     p.add_argument("--norms", nargs="+", default=list(LRS), choices=list(LRS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lrs", nargs="+", type=float, help="only these learning rates of the sweep (default: all)")
     p.add_argument("--warmup", default=TrainConfig.warmup, choices=WARMUPS, help="the robust start (default: the "
                    "trainer's)")
     p.add_argument("--threads", type=int, default=1)

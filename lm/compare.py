@@ -242,6 +242,11 @@ def runs_table(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n\nCorpus validation perplexity after each epoch, per run.\n"
 
 
+def _series(run: dict) -> str:
+    """What a line's color stands for: the norm in a preset grid, the group in ``summarize_folders``."""
+    return run.get("group", run["config"]["norm"])
+
+
 OFF_SCALE = 2e4  # validation perplexity above this (a blown-up run) is drawn as an x at the top
 
 
@@ -256,13 +261,13 @@ def plot_validation(runs: list[dict], path: Path) -> bool:
         return False
     cells = list(dict.fromkeys(_family(r) for r in runs))
     fig, axes = plt.subplots(1, len(cells), figsize=(6 * len(cells), 4.5), squeeze=False)
-    colors = {name: f"C{k}" for k, name in enumerate(dict.fromkeys(r["preset"] for r in runs))}
+    colors = {name: f"C{k}" for k, name in enumerate(dict.fromkeys(_series(r) for r in runs))}
     finite = [h["valid_ppl"] for r in runs if r["status"] == "finished" for h in r["history"]]
     top = min(max(finite, default=OFF_SCALE), OFF_SCALE)
     for ax, cell in zip(axes[0], cells):
         for r in (r for r in runs if _family(r) == cell):
-            label = f"{r['preset']} seed {r['seed']}"
-            style = dict(color=colors[r["preset"]], linestyle=("-", "--", ":", "-.")[r["seed"] % 4])
+            label = f"{r['group'] if 'group' in r else cell + '-' + r['config']['norm']} seed {r['seed']}"
+            style = dict(color=colors[_series(r)], linestyle=("-", "--", ":", "-.")[r["seed"] % 4])
             if r["status"] == "diverged":
                 ax.axvline(r.get("step", 0), **style, label=f"{label}: diverged at step {r.get('step')}")
                 continue
@@ -271,7 +276,7 @@ def plot_validation(runs: list[dict], path: Path) -> bool:
             ax.plot(steps, [min(v, top) for v in ppl], marker="o", **style, alpha=0.85,
                     label=label + (f" (× above {top:.0e}, off scale)" if off else ""))
             ax.plot([s for s, v in zip(steps, ppl) if v > top], [top] * sum(v > top for v in ppl), "x",
-                    color=colors[r["preset"]], markersize=10)
+                    color=colors[_series(r)], markersize=10)
         ax.set_title(f"PTB {cell.upper()}: validation perplexity per epoch ({_kind(cell)})", fontsize=10)
         ax.set_xlabel("training step (optimizer updates)")
         ax.set_ylabel("validation perplexity (corpus, log scale)")
@@ -305,7 +310,7 @@ def summarize_folders(folders, out) -> dict:
         raise ValueError(f"none of {', '.join(map(str, folders))} holds a finished or diverged run (summary.json)")
     names = _group_names([r["config"] for r in runs])
     for run in runs:
-        run["preset"] = names[_group_key(run["config"])]
+        run["preset"] = run["group"] = names[_group_key(run["config"])]
     results = {"status": "finished", "runs": runs, "table": summarize(runs), "missing": unfinished}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
