@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import seqnorm
-from seqnorm.warmup import truncated_forward
+from seqnorm.warmup import detach_state, truncated_forward
 
 from .config import ModelConfig
 
@@ -76,4 +76,4 @@ def map_hidden(fn, hidden):
 
 def detach_hidden(hidden):
     """Cut the graph between BPTT segments, keeping the values."""
-    return map_hidden(torch.Tensor.detach, hidden)
+    return detach_state(hidden)

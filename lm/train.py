@@ -237,8 +237,8 @@ class Trainer:
         self.first_undo = t.get("first_undo")
         self.warmup_peak = t.get("warmup_peak")
         if self.log_every is not None and self.ranks.main and self.steps_log.exists():  # the lines after the
-            kept = [ln for ln in self.steps_log.read_text().splitlines() if json.loads(ln)["step"] < self.step]
-            self._write_json_lines(self.steps_log, [json.loads(ln) for ln in kept])  # checkpoint are retaken
+            records = map(json.loads, self.steps_log.read_text().splitlines())  # checkpoint are retaken
+            self._write_json_lines(self.steps_log, [r for r in records if r["step"] < self.step])
 
     def _resume_changes(self, ckpt: dict, path: Path) -> dict:
         """The training settings given now that differ from the checkpoint's: {name: (saved, given)}.  Those that
