@@ -101,6 +101,11 @@ def add_train_parser(sub):
               "perplexity by more than this (the retaken update too: when it also does damage, it is undone and the "
               "step skipped); after the first undone update the rest of the warm-up truncates every backward as "
               "truncate does")
+    _add(p, "--ceiling", name="ceiling", type=_optional_float, show_none=True,
+         help="undo: when a warm-up step's loss exceeds log(V) + this, the previous update is halved (up to "
+              "--ceiling-halvings times) until the step's loss is back under it; none turns it off")
+    _add(p, "--ceiling-halvings", name="ceiling_halvings", type=int,
+         help="undo: how many times the ceiling may halve the previous update at one step")
     _add(p, "--adaptive-clip", name="adaptive_clip", type=_optional_float, show_none=True,
          help="clip the gradient norm at this many times the median of the last --clip-window norms, or none")
     _add(p, "--clip-window", name="clip_window", type=int, help="how many recent gradient norms the median takes")

@@ -82,6 +82,8 @@ class TrainConfig:
     warmup_from: int = 32
     retry_factor: float = 10.0
     undo_factor: float = 100.0
+    ceiling: float | None = 1.0  # undo: nats above log(V) a warm-up step's loss may reach before the last update is halved
+    ceiling_halvings: int = 5
     adaptive_clip: float | None = None
     clip_window: int = 100
     batch_size: int = 20
@@ -107,7 +109,9 @@ class TrainConfig:
             raise ValueError(f"clip must be positive, got {self.clip}")
         if self.warmup not in WARMUPS:
             raise ValueError(f"warmup must be one of {WARMUPS}, got {self.warmup!r}")
-        for name in ("warmup_steps", "warmup_from", "clip_window"):
+        if self.ceiling is not None and not self.ceiling > 0:
+            raise ValueError(f"ceiling must be positive (nats above log(V)) or None, got {self.ceiling}")
+        for name in ("warmup_steps", "warmup_from", "clip_window", "ceiling_halvings"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("retry_factor", "undo_factor"):

@@ -147,6 +147,9 @@ class Trainer:
                       if cfg.warmup == "retry" else None)
         self.epoch, self.pos, self.step = 0, 0, 0
         self.first_undo: int | None = None  # warmup="undo": the step of the first undone update
+        self.previous: list[torch.Tensor] | None = None  # warmup="undo": the weights the last update started from
+        self.ceiling_loss = (math.log(len(self.corpus.vocab)) + cfg.ceiling
+                             if cfg.warmup == "undo" and cfg.ceiling is not None else None)
         self.warmup_peak: float | None = None  # the largest per-step training loss of the first PEAK_STEPS steps
         if log_every is not None and log_every < 1:
             raise ValueError(f"log_every must be positive, got {log_every}")
@@ -177,7 +180,8 @@ class Trainer:
                 "history": list(self.history), "world_size": self.ranks.world, "rank_states": rank_states,
                 "clip": self.clipper.state_dict() if self.clipper is not None else None,
                 "retry": self.guard.state_dict() if self.guard is not None else None,
-                "first_undo": self.first_undo, "warmup_peak": self.warmup_peak}
+                "first_undo": self.first_undo, "warmup_peak": self.warmup_peak,
+                "previous": self.previous if self.step < self.cfg.warmup_steps else None}
         return payload
 
     @contextlib.contextmanager
@@ -235,6 +239,8 @@ class Trainer:
         if self.guard is not None and t.get("retry"):
             self.guard.load_state_dict(t["retry"])
         self.first_undo = t.get("first_undo")
+        if t.get("previous") is not None:
+            self.previous = [w.to(self.device) for w in t["previous"]]
         self.warmup_peak = t.get("warmup_peak")
         if self.log_every is not None and self.ranks.main and self.steps_log.exists():  # the lines after the
             records = map(json.loads, self.steps_log.read_text().splitlines())  # checkpoint are retaken
@@ -301,7 +307,11 @@ class Trainer:
         checked = robust_start.checked(self.cfg, self.step)
         before = self._snapshot(params=checked) if watched or checked else None
         truncate = robust_start.truncation(self.cfg, self.step, undone=self.first_undo is not None)
-        value, hidden = self._forward_backward(x, y, truncate)
+        loss, value, hidden = self._forward(x, y, truncate)
+        tried = None
+        if checked and self._over_ceiling(value):
+            loss, value, hidden, tried = self._pull_back(x, y, before, truncate, value)
+        self._backward(loss, value)
         norm = self._grad_norm()
         if watched and self.guard is not None:
             norm, hidden = self._retry_if_exploding(x, y, before, norm, hidden)
@@ -313,13 +323,41 @@ class Trainer:
             norm, outcome = self._undo(x, y, before, value, norm)
             truncate = self.cfg.warmup_from
         self.hidden = hidden  # the forward is the same whatever the backward and the update do
+        # the weights this step's update started from (none to pull back when the step made no update)
+        self.previous = before["params"] if checked and outcome != "skipped" else None
         self.sums["grad_norm_max"] = max(self.sums.get("grad_norm_max", 0.0), norm)
         if self.step < robust_start.PEAK_STEPS:
             self.warmup_peak = value if self.warmup_peak is None else max(self.warmup_peak, value)
         self._log_step({"step": self.step, "segment": x.shape[0], "loss": value, "grad_norm": norm,
                         "lr": self.optimizer.param_groups[0]["lr"] * robust_start.lr_factor(self.cfg, self.step),
-                        "truncation": truncate, "undone": outcome})
+                        "truncation": truncate, "undone": outcome,
+                        **({"pulled_back": tried} if tried is not None else {})})
         return value
+
+    def _over_ceiling(self, value: float) -> bool:
+        """``warmup="undo"`` with a ceiling: whether this step's loss (before its update) is above log(V) +
+        ``ceiling`` while the previous update can still be pulled back (a non-finite loss is above it)."""
+        return self.ceiling_loss is not None and self.previous is not None and not value <= self.ceiling_loss
+
+    def _pull_back(self, x: torch.Tensor, y: torch.Tensor, before: dict, truncate: int | None, value: float):
+        """The ceiling: the previous update took this step's segment above log(V) + ``ceiling``.  Halve that update
+        (the weights to the midpoint between where it started, ``previous``, and where it ended) and forward the
+        segment again from the same hidden state, statistics and random state, until the loss is under the ceiling
+        or ``ceiling_halvings`` halvings are spent (then the last, smallest update stands).  ``before`` is left
+        holding the weights the step now starts from.  Returns the forward's loss tensor, value and hidden state,
+        and every loss tried (the first one included)."""
+        tried = [value]
+        for _ in range(self.cfg.ceiling_halvings):
+            with torch.no_grad():
+                for start, anchor in zip(before["params"], self.previous):
+                    start.add_(anchor).mul_(0.5)
+            self._load_snapshot(before)
+            loss, value, hidden = self._forward(x, y, truncate)
+            tried.append(value)
+            if value <= self.ceiling_loss:
+                break
+        self.sums["pulled_back"] = self.sums.get("pulled_back", 0) + 1
+        return loss, value, hidden, tried
 
     def _undo(self, x: torch.Tensor, y: torch.Tensor, before: dict, value: float, norm: float) -> tuple[float, str]:
         """``warmup="undo"``: the update just taken did damage (``_damaged``).  Undo it and take it again with the
@@ -372,14 +410,22 @@ class Trainer:
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, truncate: int | None):
         """The segment's loss (checked finite before any gradient exists) and its gradients; returns the loss
         and the hidden state after the segment."""
+        loss, value, hidden = self._forward(x, y, truncate)
+        self._backward(loss, value)
+        return value, hidden
+
+    def _forward(self, x: torch.Tensor, y: torch.Tensor, truncate: int | None):
+        """The segment's loss tensor, its value (the same on every rank) and the hidden state after it."""
         logits, hidden = self.net(x, self.hidden, truncate=truncate)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
-        value = parallel.global_mean(loss, y.numel(), self.ranks)  # the same on every rank
-        if not math.isfinite(value):  # before the update: the weights stay as they were
+        return loss, parallel.global_mean(loss, y.numel(), self.ranks), hidden
+
+    def _backward(self, loss: torch.Tensor, value: float) -> None:
+        """The gradients of ``loss``, once its value is known to be finite (else the weights stay as they were)."""
+        if not math.isfinite(value):
             raise self._diverged(f"loss is {value}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        return value, hidden
 
     def _snapshot(self, params: bool = False) -> dict:
         """What a forward pass changes besides the graph: the statistics buffers and the random state; with
@@ -502,6 +548,7 @@ class Trainer:
                   "valid_ppl_mean_batch_exp": valid["perplexity_mean_batch_exp"],
                   "lr": self.optimizer.param_groups[0]["lr"], "grad_norm_max": s.get("grad_norm_max"),
                   "retries": s.get("retries", 0), "skipped": s.get("skipped", 0),
+                  "pulled_back": s.get("pulled_back", 0),
                   "warmup_peak_loss": self.warmup_peak,
                   "time_s": s["seconds"],
                   "tokens_per_s": s["tokens"] / s["seconds"] if s["seconds"] else None}

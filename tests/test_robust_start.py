@@ -7,8 +7,10 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lm import robust_start
+from lm.batching import segment
 from lm.checkpoint import load_checkpoint
 from lm.cli import build_parser, main, train_config
 from lm.config import ModelConfig
@@ -202,6 +204,69 @@ def test_a_retaken_update_that_does_damage_too_is_undone_and_the_step_skipped(co
     assert line["undone"] == "skipped"
 
 
+def _steps(folder) -> list[dict]:
+    return [json.loads(x) for x in (folder / "steps.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("halvings", [5, 2])
+def test_the_ceiling_halves_the_previous_update_until_the_loss_is_under_it(corpus_dir, tmp_path, halvings):
+    """At lr 50 the small model's first update takes step 1's loss far above log(V) + 0.05 (undo's own check is
+    off).  Reference: the run without a ceiling stopped after step 0, whose weights w1 and starting weights w0
+    give step 1's segment a loss at w0 + (w1 - w0) / 2^j from the same statistics and hidden state; the ceiling
+    must have tried exactly those, stopping at the first under the ceiling or after ``halvings``."""
+    kw = dict(lr=50.0, undo_factor=1e30, ceiling=0.05, ceiling_halvings=halvings, max_steps=2)
+    trainer = Trainer(small(corpus_dir, tmp_path / "c", **kw), progress=False, log_every=1)
+    record = trainer.run()["history"][-1]
+    first, second = _steps(tmp_path / "c")
+    tried, limit = second["pulled_back"], trainer.ceiling_loss
+    assert "pulled_back" not in first and record["pulled_back"] == 1
+    assert all(v > limit for v in tried[:-1]) and second["loss"] == tried[-1]
+    assert tried[-1] <= limit if len(tried) <= halvings else len(tried) == halvings + 1
+    assert len(tried) == (3 if halvings == 2 else 4)  # 2 halvings spent; 3 bring it under (measured)
+
+    reference = Trainer(small(corpus_dir, tmp_path / "r", **{**kw, "ceiling": None, "max_steps": 1}), progress=False)
+    w0 = [p.detach().clone() for p in reference.model.parameters()]
+    reference.run()
+    w1 = [p.detach().clone() for p in reference.model.parameters()]
+    state = {k: v.clone() for k, v in reference.model.state_dict().items()}
+    x, y = segment(reference.train_data, reference.pos, second["segment"])
+    expected = []
+    for j in range(len(tried)):
+        reference.model.load_state_dict(state)  # the statistics as step 1 found them
+        with torch.no_grad():
+            for p, a, b in zip(reference.model.parameters(), w0, w1):
+                p.copy_(a + (b - a) * 0.5 ** j)
+            logits, _ = reference.model(x, reference.hidden)
+        expected.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).item())
+    assert tried == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_ceiling_no_step_reaches_is_the_run_as_written_bit_for_bit(corpus_dir, tmp_path):
+    """The default ceiling (log(V) + 1) on a healthy small run: nothing is pulled back, and the run is the run
+    without a ceiling, bit for bit (undo's own check off in both)."""
+    kw = dict(warmup="undo", undo_factor=1e30)
+    without, _ = _run_steps(small(corpus_dir, tmp_path / "w", ceiling=None, **kw), 30)
+    default, summary = _run_steps(small(corpus_dir, tmp_path / "d", **kw), 30)
+    assert summary["history"][-1]["pulled_back"] == 0
+    for k in without:
+        assert torch.equal(without[k], default[k]), k
+
+
+def test_resume_at_a_pulled_back_step_is_exact(corpus_dir, tmp_path):
+    """The weights the last update started from are saved during the warm-up: a run cut right before a step that
+    pulls its previous update back resumes exactly."""
+    cfg = small(corpus_dir, tmp_path / "full", lr=21.0, undo_factor=1e30, ceiling=0.3, max_steps=30)
+    full = Trainer(cfg, progress=False, log_every=1).run()
+    pulled = [r["step"] for r in _steps(tmp_path / "full") if "pulled_back" in r and r["step"] > 1]
+    assert pulled
+    cut = replace(cfg, out=str(tmp_path / "cut"))
+    Trainer(cut, progress=False, log_every=1).run(should_stop=lambda step: step == pulled[0])
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["train"]["previous"] is not None
+    resumed = Trainer(cut, resume=True, progress=False, log_every=1).run()
+    assert resumed["final_valid_ppl"] == full["final_valid_ppl"]
+    assert _steps(tmp_path / "cut") == _steps(tmp_path / "full")
+
+
 def test_log_every_writes_the_steps_and_the_peak_is_the_largest_early_loss(corpus_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(robust_start, "PEAK_STEPS", 4)  # the window of the peak, shrunk to fit the test
     trainer = Trainer(small(corpus_dir, tmp_path / "s", warmup="undo", max_steps=8), progress=False, log_every=1)
@@ -261,7 +326,8 @@ def small(corpus_dir, out, **kw):
                                              ("undo", None)])
 def test_resume_mid_warmup_is_exact(corpus_dir, tmp_path, warmup, adaptive):
     cfg = small(corpus_dir, tmp_path / "full", warmup=warmup, adaptive_clip=adaptive, clip_window=8,
-                retry_factor=1.2, undo_factor=1.01, lr=21.0 if warmup == "undo" else 1.0)  # undo: 2 undone steps
+                retry_factor=1.2, undo_factor=1.01, lr=21.0 if warmup == "undo" else 1.0,  # undo: 2 undone steps
+                ceiling=None)  # (at lr 21 the ceiling would act first; its resume: test_resume_at_a_pulled_back_step)
     full = train(cfg, progress=False)
     assert full["steps"] > 40  # the warm-up ends inside the run
     cut = replace(cfg, out=str(tmp_path / "cut"))
