@@ -41,6 +41,19 @@ The measures, each a ``TrainConfig`` field (``--as-written`` turns all off):
   valid perplexity 15,000 after 40 steps).  It acts on damage done, not on a
   large gradient: the same gradient norm throws one preset away and not another
   (the learning rates differ).  A run that never undoes is bit for bit as written.
+  With it, the ceiling (``ceiling``, 1.0): a warm-up step whose loss, before its
+  update, is above log(V) + ``ceiling`` (V the vocabulary; a perplexity e times a
+  uniform guess's) shows that the previous update took the model off the road,
+  even when that update passed its own segment's check (a short segment's update
+  can raise the next segments' loss from 8 to 11 without multiplying its own
+  segment's perplexity by 100).  The previous update is halved (the weights moved
+  to the midpoint between where it started and where it ended) and the segment
+  forwarded again from the same hidden state, statistics and random state, up to
+  ``ceiling_halvings`` (5) times, until the loss is back under the ceiling.  The
+  check costs nothing (it reads the loss the step computes anyway); only a step
+  above the ceiling pays for the extra forwards, and a run that never reaches it
+  is bit for bit the run without it.  The weights the last update started from
+  are saved in ``last.pt`` during the warm-up, so resuming stays exact.
 - ``adaptive_clip=k``: the global gradient norm is clipped at k times the
   median of the last ``clip_window`` norms, so it is scale-free across presets
   and leaves healthy steps alone (``AdaptiveClip``; inactive until it has seen
@@ -48,8 +61,8 @@ The measures, each a ``TrainConfig`` field (``--as-written`` turns all off):
 
 The warm-ups but retry and undo are functions of the step count, so resuming
 is exact with no extra state; the recent norms of the retry guard and of the
-adaptive clip, and the step of undo's first undone update, are saved in
-``last.pt``.
+adaptive clip, the step of undo's first undone update and, during the warm-up,
+the weights the ceiling would pull back to, are saved in ``last.pt``.
 """
 from __future__ import annotations
 
