@@ -33,7 +33,7 @@ VARIANTS = {
     "truncate300": dict(warmup="truncate", warmup_steps=300),
     "truncate10": dict(warmup="truncate", warmup_steps=10),
     "retry10": dict(warmup="retry", retry_factor=10.0),
-    "undo100": dict(warmup="undo", undo_factor=100.0, ceiling=None),
+    "undo100": dict(warmup="undo", undo_factor=100.0, ceiling=None, warmup_halvings=0),
     "ceiling1": dict(warmup="undo", undo_factor=100.0, ceiling=1.0),
     "bptt": dict(warmup="bptt"),
     "lr": dict(warmup="lr"),

@@ -98,14 +98,15 @@ def add_train_parser(sub):
               "ones (at the first step: its own truncated gradient's norm)")
     _add(p, "--undo-factor", name="undo_factor", type=float,
          help="undo: an update during the warm-up is undone and retaken when it multiplied its own segment's "
-              "perplexity by more than this (the retaken update too: when it also does damage, it is undone and the "
-              "step skipped); after the first undone update the rest of the warm-up truncates every backward as "
+              "perplexity by more than this (the retaken update too: when it also does damage, it is halved until it "
+              "does not, up to --warmup-halvings times, else the step is skipped); after the first undone update the rest of the warm-up truncates every backward as "
               "truncate does")
     _add(p, "--ceiling", name="ceiling", type=_optional_float, show_none=True,
          help="undo: when a warm-up step's loss exceeds log(V) + this, the previous update is halved (up to "
-              "--ceiling-halvings times) until the step's loss is back under it; none turns it off")
-    _add(p, "--ceiling-halvings", name="ceiling_halvings", type=int,
-         help="undo: how many times the ceiling may halve the previous update at one step")
+              "--warmup-halvings times) until the step's loss is back under it; none turns it off")
+    _add(p, "--warmup-halvings", name="warmup_halvings", type=int,
+         help="undo: how many times an update may be halved: the previous one by the ceiling, and a retaken "
+              "update that does damage too (0: such a step is skipped)")
     _add(p, "--adaptive-clip", name="adaptive_clip", type=_optional_float, show_none=True,
          help="clip the gradient norm at this many times the median of the last --clip-window norms, or none")
     _add(p, "--clip-window", name="clip_window", type=int, help="how many recent gradient norms the median takes")

@@ -83,7 +83,7 @@ class TrainConfig:
     retry_factor: float = 10.0
     undo_factor: float = 100.0
     ceiling: float | None = 1.0  # undo: nats above log(V) a warm-up step's loss may reach before the last update is halved
-    ceiling_halvings: int = 5
+    warmup_halvings: int = 5  # undo: how often the ceiling may halve the previous update, and undo a damaging retake
     adaptive_clip: float | None = None
     clip_window: int = 100
     batch_size: int = 20
@@ -111,7 +111,9 @@ class TrainConfig:
             raise ValueError(f"warmup must be one of {WARMUPS}, got {self.warmup!r}")
         if self.ceiling is not None and not self.ceiling > 0:
             raise ValueError(f"ceiling must be positive (nats above log(V)) or None, got {self.ceiling}")
-        for name in ("warmup_steps", "warmup_from", "clip_window", "ceiling_halvings"):
+        if self.warmup_halvings < 0:
+            raise ValueError(f"warmup_halvings must be 0 or more, got {self.warmup_halvings}")
+        for name in ("warmup_steps", "warmup_from", "clip_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("retry_factor", "undo_factor"):

@@ -49,7 +49,7 @@ The measures, each a ``TrainConfig`` field (``--as-written`` turns all off):
   segment's perplexity by 100).  The previous update is halved (the weights moved
   to the midpoint between where it started and where it ended) and the segment
   forwarded again from the same hidden state, statistics and random state, up to
-  ``ceiling_halvings`` (5) times, until the loss is back under the ceiling.  The
+  ``warmup_halvings`` (5) times, until the loss is back under the ceiling.  The
   check costs nothing (it reads the loss the step computes anyway); only a step
   above the ceiling pays for the extra forwards, and a run that never reaches it
   is bit for bit the run without it.  The weights the last update started from

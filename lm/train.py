@@ -343,11 +343,11 @@ class Trainer:
         """The ceiling: the previous update took this step's segment above log(V) + ``ceiling``.  Halve that update
         (the weights to the midpoint between where it started, ``previous``, and where it ended) and forward the
         segment again from the same hidden state, statistics and random state, until the loss is under the ceiling
-        or ``ceiling_halvings`` halvings are spent (then the last, smallest update stands).  ``before`` is left
+        or ``warmup_halvings`` halvings are spent (then the last, smallest update stands).  ``before`` is left
         holding the weights the step now starts from.  Returns the forward's loss tensor, value and hidden state,
         and every loss tried (the first one included)."""
         tried = [value]
-        for _ in range(self.cfg.ceiling_halvings):
+        for _ in range(self.cfg.warmup_halvings):
             with torch.no_grad():
                 for start, anchor in zip(before["params"], self.previous):
                     start.add_(anchor).mul_(0.5)
@@ -362,19 +362,26 @@ class Trainer:
     def _undo(self, x: torch.Tensor, y: torch.Tensor, before: dict, value: float, norm: float) -> tuple[float, str]:
         """``warmup="undo"``: the update just taken did damage (``_damaged``).  Undo it and take it again with the
         backward truncated at ``warmup_from`` steps; that retaken update is checked by the same rule, and when it
-        does damage too (or the segment is too short for the truncation to change anything) it is undone as well
-        and the step makes no update.  Returns the gradient norm (the retaken one, or ``norm`` as written) and
-        "retaken" or "skipped"."""
+        does damage too (or the segment is too short for the truncation to change anything) it is halved (the
+        weights to the midpoint between where it started and where it ended) and checked again, up to
+        ``warmup_halvings`` times; when every halving does damage, the step makes no update.  Returns the gradient
+        norm (the retaken one, or ``norm`` as written) and "retaken", "halved Nx" or "skipped"."""
         self._load_snapshot(before)  # weights, statistics and random state as before the step
         self.sums["retries"] = self.sums.get("retries", 0) + 1
         self.first_undo = self.step if self.first_undo is None else self.first_undo
         if x.shape[0] > self.cfg.warmup_from:
             self._forward_backward(x, y, self.cfg.warmup_from)
-            retaken = self._grad_norm()
-            self._update()
+            norm = self._grad_norm()
+        self._update()
+        if x.shape[0] > self.cfg.warmup_from and not self._damaged(x, y, value):
+            return norm, "retaken"
+        for halvings in range(1, self.cfg.warmup_halvings + 1):
+            with torch.no_grad():
+                for p, start in zip(self.model.parameters(), before["params"]):
+                    p.add_(start).mul_(0.5)
             if not self._damaged(x, y, value):
-                return retaken, "retaken"
-            self._load_snapshot(before)
+                return norm, f"halved {halvings}x"
+        self._load_snapshot(before)
         self.sums["skipped"] = self.sums.get("skipped", 0) + 1
         return norm, "skipped"
 

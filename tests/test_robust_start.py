@@ -161,10 +161,22 @@ def test_an_undone_update_is_retaken_with_a_truncated_backward(corpus_dir, tmp_p
     _assert_is_the_truncated_step(trainer.model.state_dict(), corpus_dir, tmp_path, kw)
 
 
-def test_at_lr_300_the_retaken_update_does_damage_too_and_the_step_is_skipped(corpus_dir, tmp_path):
-    """The same step with the rule as it is: the truncated retake at lr 300 is no better, so it is undone too."""
+def test_at_lr_300_the_retaken_update_does_damage_too_and_is_halved_until_it_does_not(corpus_dir, tmp_path):
+    """The same step with the rule as it is: the truncated retake at lr 300 is no better, so it is halved until its
+    segment's loss rises by less than log 100.  Reference: the truncation warm-up's first step at lr 300 / 2^n is
+    the same update; with no halving allowed the step is skipped and the weights stay where they were."""
     kw = dict(lr=300.0, bptt_mode="fixed", max_steps=1)
-    trainer = Trainer(small(corpus_dir, tmp_path / "u", warmup="undo", **kw), progress=False)
+    trainer = Trainer(small(corpus_dir, tmp_path / "u", warmup="undo", **kw), progress=False, log_every=1)
+    record = trainer.run()["history"][-1]
+    (line,) = _steps(tmp_path / "u")
+    assert (record["retries"], record["skipped"]) == (1, 0) and line["undone"].startswith("halved")
+    n = int(line["undone"].split()[1].rstrip("x"))
+    assert n >= 1
+    reference, _ = _run_steps(small(corpus_dir, tmp_path / "t", warmup="truncate", **{**kw, "lr": 300.0 / 2 ** n}), 1)
+    for k, v in trainer.model.state_dict().items():
+        torch.testing.assert_close(v, reference[k], rtol=1e-5, atol=1e-6, msg=k)
+
+    trainer = Trainer(small(corpus_dir, tmp_path / "s", warmup="undo", warmup_halvings=0, **kw), progress=False)
     start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     record = trainer.run()["history"][-1]
     assert (record["retries"], record["skipped"]) == (1, 1)
@@ -214,7 +226,7 @@ def test_the_ceiling_halves_the_previous_update_until_the_loss_is_under_it(corpu
     off).  Reference: the run without a ceiling stopped after step 0, whose weights w1 and starting weights w0
     give step 1's segment a loss at w0 + (w1 - w0) / 2^j from the same statistics and hidden state; the ceiling
     must have tried exactly those, stopping at the first under the ceiling or after ``halvings``."""
-    kw = dict(lr=50.0, undo_factor=1e30, ceiling=0.05, ceiling_halvings=halvings, max_steps=2)
+    kw = dict(lr=50.0, undo_factor=1e30, ceiling=0.05, warmup_halvings=halvings, max_steps=2)
     trainer = Trainer(small(corpus_dir, tmp_path / "c", **kw), progress=False, log_every=1)
     record = trainer.run()["history"][-1]
     first, second = _steps(tmp_path / "c")
