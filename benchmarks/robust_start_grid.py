@@ -81,10 +81,38 @@ def row(variant: str, preset: str, rs: dict, written: dict) -> str:
     fine = sorted(trains_as_written(written, preset) & set(done))
     change = [done[s]["best_valid_ppl"] / written[(preset, s)] - 1 for s in fine]
     grad = max((h.get("grad_norm_max") or 0.0 for r in done.values() for h in r["history"]), default=0.0)
+    peaks = [p for p in map(warmup_peak, done.values()) if p is not None]
     cells = [variant, preset, str(len(done)), f"{len(diverged)}" + (f" (seeds {diverged})" if diverged else ""),
              f"{med:.1f} ({min(ppl):.1f}–{max(ppl):.1f})" if ppl else "—", f"{max(ppl) / med:.2f}" if ppl else "—",
-             (f"{100 * max(change, key=abs):+.1f}% (seeds {fine})" if change else "—"), f"{grad:.3g}"]
+             (f"{100 * max(change, key=abs):+.1f}% (seeds {fine})" if change else "—"), f"{grad:.3g}",
+             f"{max(peaks):.2f}" if peaks else "—"]
     return "| " + " | ".join(cells) + " |"
+
+
+def warmup_peak(run: dict) -> float | None:
+    """The largest per-step training loss of the run's first 300 steps (recorded since 2026-12-04)."""
+    return max((h["warmup_peak_loss"] for h in run["history"] if h.get("warmup_peak_loss") is not None), default=None)
+
+
+def seed_table(runs: dict, variants, presets, seeds) -> str:
+    """Per variant, preset and seed: validation perplexity, and in brackets the warm-up peak loss and what the start
+    did (u: updates undone, s: steps skipped, p: steps that pulled the previous update back)."""
+    lines = ["| variant | preset | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---" * (2 + len(seeds)) + "|"]
+    for variant in variants:
+        for preset in presets:
+            cells = []
+            for s in seeds:
+                r = runs[(variant, preset, s)]
+                if r is None or r["status"] != "finished":
+                    cells.append("—" if r is None else r["status"])
+                    continue
+                acts = {k: sum(h.get(k, 0) for h in r["history"]) for k in ("retries", "skipped", "pulled_back")}
+                peak = warmup_peak(r)
+                cells.append(f"{r['best_valid_ppl']:.1f} (" + (f"{peak:.2f}, " if peak is not None else "") +
+                             f"u{acts['retries']} s{acts['skipped']} p{acts['pulled_back']})")
+            if any(c != "—" for c in cells):
+                lines.append(f"| {variant} | {preset} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def summarize(args) -> str:
@@ -93,14 +121,15 @@ def summarize(args) -> str:
     written = {(p, s): r["best_valid_ppl"] for (v, p, s), r in runs.items()
                if v == "as-written" and r and r["status"] == "finished"}
     lines = ["| variant | preset | finished | diverged | valid ppl median (min–max) | worst / median | "
-             "largest change vs as written, on the seeds that train as written | largest grad norm |",
-             "|---" * 8 + "|"]
+             "largest change vs as written, on the seeds that train as written | largest grad norm | "
+             "largest warm-up peak loss |",
+             "|---" * 9 + "|"]
     for variant in args.variants:
         for preset in args.presets:
             rs = {s: runs[(variant, preset, s)] for s in args.seeds if runs[(variant, preset, s)]}
             if rs:
                 lines.append(row(variant, preset, rs, written))
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + seed_table(runs, args.variants, args.presets, args.seeds)
 
 
 def plot(args, path: Path) -> None:
