@@ -343,21 +343,35 @@ class Trainer:
         """The ceiling: the previous update took this step's segment above log(V) + ``ceiling``.  Halve that update
         (the weights to the midpoint between where it started, ``previous``, and where it ended) and forward the
         segment again from the same hidden state, statistics and random state, until the loss is under the ceiling
-        or ``warmup_halvings`` halvings are spent (then the last, smallest update stands).  ``before`` is left
-        holding the weights the step now starts from.  Returns the forward's loss tensor, value and hidden state,
-        and every loss tried (the first one included)."""
+        or ``warmup_halvings`` halvings are spent.  Then, when none got under it, the step starts from the point
+        tried with the lowest loss (a halving can raise it: the previous update may have helped this segment).
+        ``before`` is left holding the weights the step now starts from.  Returns the forward's loss tensor, value
+        and hidden state, and every loss tried (the first one included, the one trained on last)."""
+        ended = [w.clone() for w in before["params"]]
         tried = [value]
         for _ in range(self.cfg.warmup_halvings):
-            with torch.no_grad():
-                for start, anchor in zip(before["params"], self.previous):
-                    start.add_(anchor).mul_(0.5)
-            self._load_snapshot(before)
-            loss, value, hidden = self._forward(x, y, truncate)
+            loss, value, hidden = self._forward_halved(x, y, before, truncate, ended, len(tried))
             tried.append(value)
             if value <= self.ceiling_loss:
                 break
+        else:
+            lowest = min(range(len(tried)), key=lambda j: tried[j] if math.isfinite(tried[j]) else math.inf)
+            if lowest != len(tried) - 1:
+                loss, value, hidden = self._forward_halved(x, y, before, truncate, ended, lowest)
+                tried.append(value)
         self.sums["pulled_back"] = self.sums.get("pulled_back", 0) + 1
         return loss, value, hidden, tried
+
+    def _forward_halved(self, x, y, before: dict, truncate: int | None, ended: list, halvings: int):
+        """The segment's forward from ``before`` with the previous update (from ``previous`` to ``ended``) halved
+        ``halvings`` times; ``before`` is left holding those weights."""
+        with torch.no_grad():
+            for start, end, anchor in zip(before["params"], ended, self.previous):
+                start.copy_(end)
+                for _ in range(halvings):
+                    start.add_(anchor).mul_(0.5)
+        self._load_snapshot(before)
+        return self._forward(x, y, truncate)
 
     def _undo(self, x: torch.Tensor, y: torch.Tensor, before: dict, value: float, norm: float) -> tuple[float, str]:
         """``warmup="undo"``: the update just taken did damage (``_damaged``).  Undo it and take it again with the
