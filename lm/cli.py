@@ -99,8 +99,8 @@ def add_train_parser(sub):
     _add(p, "--undo-factor", name="undo_factor", type=float,
          help="undo: an update during the warm-up is undone and retaken when it multiplied its own segment's "
               "perplexity by more than this (the retaken update too: when it also does damage, it is halved until it "
-              "does not, up to --warmup-halvings times, else the step is skipped); after the first undone update the rest of the warm-up truncates every backward as "
-              "truncate does")
+              "does not, up to --warmup-halvings times, else the step is skipped); after the first undone update the "
+              "rest of the warm-up truncates every backward as truncate does")
     _add(p, "--ceiling", name="ceiling", type=_optional_float, show_none=True,
          help="undo: when a warm-up step's loss exceeds log(V) + this, the previous update is halved (up to "
               "--warmup-halvings times) until the step's loss is back under it; none turns it off")

@@ -83,7 +83,7 @@ class TrainConfig:
     retry_factor: float = 10.0
     undo_factor: float = 100.0
     ceiling: float | None = 1.0  # undo: nats above log(V) a warm-up step's loss may reach before the last update is halved
-    warmup_halvings: int = 5  # undo: how often the ceiling may halve the previous update, and undo a damaging retake
+    warmup_halvings: int = 5  # undo: how often the ceiling may halve the previous update, and a damaging retake be halved
     adaptive_clip: float | None = None
     clip_window: int = 100
     batch_size: int = 20

@@ -30,8 +30,9 @@ The measures, each a ``TrainConfig`` field (``--as-written`` turns all off):
   more than ``undo_factor`` (100; its loss rose by more than log 100) is undone
   (weights, statistics, random state) and taken again with the backward
   truncated at ``warmup_from`` steps; that retaken update is checked by the same rule,
-  and when it does damage too it is undone as well and the step makes no update
-  ("skipped").  Every update of the warm-up is checked, short segments too
+  and when it does damage too it is halved until it does not, up to
+  ``warmup_halvings`` (5) times; only when every halving does damage does the step
+  make no update ("skipped").  Every update of the warm-up is checked, short segments too
   (``checked``).  From the first undone update on, the
   rest of the warm-up truncates every backward as ``"truncate"`` does (K(step)):
   a run that needed one undo is one whose gradients explode through time, and
@@ -49,7 +50,8 @@ The measures, each a ``TrainConfig`` field (``--as-written`` turns all off):
   segment's perplexity by 100).  The previous update is halved (the weights moved
   to the midpoint between where it started and where it ended) and the segment
   forwarded again from the same hidden state, statistics and random state, up to
-  ``warmup_halvings`` (5) times, until the loss is back under the ceiling.  The
+  ``warmup_halvings`` (5) times, until the loss is back under the ceiling (when
+  none gets under it, the step starts from the point with the lowest loss).  The
   check costs nothing (it reads the loss the step computes anyway); only a step
   above the ceiling pays for the extra forwards, and a run that never reaches it
   is bit for bit the run without it.  The weights the last update started from

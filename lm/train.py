@@ -78,6 +78,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@torch.no_grad()
+def halve_toward(weights: list[torch.Tensor], anchors: list[torch.Tensor]) -> None:
+    """Halve an update in place: each weight to the midpoint between itself and its anchor (where the update
+    started)."""
+    for w, a in zip(weights, anchors):
+        w.add_(a).mul_(0.5)
+
+
 @contextlib.contextmanager
 def stop_on_signals(flag: dict):
     """While active, SIGINT/SIGTERM set ``flag['stop']`` (a second SIGINT interrupts at once)."""
@@ -366,10 +374,10 @@ class Trainer:
         """The segment's forward from ``before`` with the previous update (from ``previous`` to ``ended``) halved
         ``halvings`` times; ``before`` is left holding those weights."""
         with torch.no_grad():
-            for start, end, anchor in zip(before["params"], ended, self.previous):
+            for start, end in zip(before["params"], ended):
                 start.copy_(end)
-                for _ in range(halvings):
-                    start.add_(anchor).mul_(0.5)
+        for _ in range(halvings):
+            halve_toward(before["params"], self.previous)
         self._load_snapshot(before)
         return self._forward(x, y, truncate)
 
@@ -390,9 +398,7 @@ class Trainer:
         if x.shape[0] > self.cfg.warmup_from and not self._damaged(x, y, value):
             return norm, "retaken"
         for halvings in range(1, self.cfg.warmup_halvings + 1):
-            with torch.no_grad():
-                for p, start in zip(self.model.parameters(), before["params"]):
-                    p.add_(start).mul_(0.5)
+            halve_toward(list(self.model.parameters()), before["params"])
             if not self._damaged(x, y, value):
                 return norm, f"halved {halvings}x"
         self._load_snapshot(before)
