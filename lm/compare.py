@@ -60,7 +60,8 @@ def run_grid(out, data=None, cells=("lstm", "rnn"), norms=("online", "layer", "n
     results = {"status": "finished", "runs": runs, "table": summarize(runs), "missing": missing}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown_table(results["table"], missing) + "\n" + runs_table(runs))
+    (out / "results.md").write_text(markdown_table(results["table"], missing) + "\n" + paired_table(runs) + "\n"
+                                    + runs_table(runs) + "\n" + compute_line(runs))
     plot_validation(runs, out / "valid_ppl.png")
     return results
 
@@ -225,6 +226,43 @@ def markdown_table(table: dict, missing=()) -> str:
         + (f"\nNot in the table, not finished yet: {', '.join(missing)}.\n" if missing else ""))
 
 
+PAIRS = (("online", "layer"), ("layer", "none"))  # the paired differences: the paper's order, neighbour by neighbour
+
+
+def paired_table(runs: list[dict]) -> str:
+    """Per cell and seed, the difference in best validation perplexity between the norms of ``PAIRS`` (same seed:
+    same initialization draws and data order), in the corpus measure and the paper's per-batch one; a negative
+    difference means the first norm of the pair is better.  Empty when no seed has a finished pair."""
+    best = {(_family(r), r["config"]["norm"], r["seed"]): r for r in runs if r["status"] == "finished"}
+    rows = []
+    for cell, seed in dict.fromkeys((c, s) for c, _, s in best):
+        cells = []
+        for a, b in PAIRS:
+            ra, rb = best.get((cell, a, seed)), best.get((cell, b, seed))
+            if ra is None or rb is None:
+                cells.append("—")
+                continue
+            corpus = ra["best_valid_ppl"] - rb["best_valid_ppl"]
+            batch = _best_record(ra)["valid_ppl_mean_batch_exp"] - _best_record(rb)["valid_ppl_mean_batch_exp"]
+            cells.append(f"{corpus:+.1f} ({batch:+.1f})")
+        if any(c != "—" for c in cells):
+            rows.append(f"| {cell} | {seed} | " + " | ".join(cells) + " |")
+    if not rows:
+        return ""
+    head = " | ".join(f"{a} − {b}" for a, b in PAIRS)
+    return ("| cell | seed | " + head + " |\n|---|---|" + "---|" * len(PAIRS) + "\n" + "\n".join(rows) +
+            "\n\nPaired differences of best validation perplexity, same seed: corpus measure (per-batch measure); "
+            "negative: the first norm is better.\n")
+
+
+def compute_line(runs: list[dict]) -> str:
+    """The training time the finished runs took, summed over their epochs (evaluation excluded)."""
+    seconds = sum(h["time_s"] for r in runs if r["status"] == "finished" for h in r["history"] if h["event"] == "epoch")
+    machines = sorted({h["machine"] for r in runs for h in r.get("history", []) if h.get("machine")})
+    where = f" on {'; '.join(machines)}" if machines else ""
+    return f"Training time of these runs, summed: {seconds / 3600:.1f} hours{where}.\n"
+
+
 def runs_table(runs: list[dict]) -> str:
     """One row per run: validation perplexity after each epoch, the best and its test perplexity, the updates
     the robust start retook (the numbers behind the plot)."""
@@ -316,7 +354,8 @@ def summarize_folders(folders, out) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     folders_table = "\n".join(f"- {r['preset']} seed {r['seed']}: `{r['folder']}`" for r in runs)
-    (out / "results.md").write_text(markdown_table(results["table"], unfinished) + "\n" + runs_table(runs)
+    (out / "results.md").write_text(markdown_table(results["table"], unfinished) + "\n" + runs_table(runs) + "\n"
+                                    + compute_line(runs)
                                     + "\nRun folders:\n\n" + folders_table + "\n")
     plot_validation(runs, out / "valid_ppl.png")
     return results

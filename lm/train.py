@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from seqnorm.distributed import gather_states, load_states, reconcile_statistics, wrap_ddp
 
-from . import parallel, robust_start
+from . import machine, parallel, robust_start
 from .batching import SegmentLengths, batchify, segment
 from .checkpoint import (check_model_config, check_vocab, load_checkpoint, model_from_checkpoint, save_checkpoint)
 from .data import corpus_fingerprint, load_corpus, resolve_data_dir, vocab_from_state
@@ -159,6 +159,7 @@ class Trainer:
         self.ceiling_loss = (math.log(len(self.corpus.vocab)) + cfg.ceiling
                              if cfg.warmup == "undo" and cfg.ceiling is not None else None)
         self.warmup_peak: float | None = None  # the largest per-step training loss of the first PEAK_STEPS steps
+        self.trial: float | None = None  # warmup="undo": the segment's loss after the update, from the last check
         if log_every is not None and log_every < 1:
             raise ValueError(f"log_every must be positive, got {log_every}")
         self.log_every, self.steps_log = log_every, self.out / "steps.jsonl"
@@ -326,10 +327,12 @@ class Trainer:
         if self.guard is not None and self.guard.recording(self.step):
             self.guard.add(norm)
         self._update()
-        outcome = "as written"
+        outcome, trial = "as written", None
         if checked and self._damaged(x, y, value):
+            trial = self.trial
             norm, outcome = self._undo(x, y, before, value, norm)
             truncate = self.cfg.warmup_from
+        trial = self.trial if checked and trial is None else trial
         self.hidden = hidden  # the forward is the same whatever the backward and the update do
         # the weights this step's update started from (none to pull back when the step made no update)
         self.previous = before["params"] if checked and outcome != "skipped" else None
@@ -338,7 +341,7 @@ class Trainer:
             self.warmup_peak = value if self.warmup_peak is None else max(self.warmup_peak, value)
         self._log_step({"step": self.step, "segment": x.shape[0], "loss": value, "grad_norm": norm,
                         "lr": self.optimizer.param_groups[0]["lr"] * robust_start.lr_factor(self.cfg, self.step),
-                        "truncation": truncate, "undone": outcome,
+                        "truncation": truncate, "undone": outcome, **({"after": trial} if checked else {}),
                         **({"pulled_back": tried} if tried is not None else {})})
         return value
 
@@ -432,6 +435,7 @@ class Trainer:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
             trial = parallel.global_mean(loss, y.numel(), self.ranks)
         self._load_snapshot(after)
+        self.trial = trial  # the last check's loss, logged with the step (the first check: the update as written)
         return not trial <= before + math.log(self.cfg.undo_factor)  # a non-finite trial counts as damage
 
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, truncate: int | None):
@@ -577,7 +581,7 @@ class Trainer:
                   "retries": s.get("retries", 0), "skipped": s.get("skipped", 0),
                   "pulled_back": s.get("pulled_back", 0),
                   "warmup_peak_loss": self.warmup_peak,
-                  "time_s": s["seconds"],
+                  "time_s": s["seconds"], "machine": machine.describe(self.device),
                   "tokens_per_s": s["tokens"] / s["seconds"] if s["seconds"] else None}
         self.history.append(record)
         if is_best:

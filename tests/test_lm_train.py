@@ -388,3 +388,33 @@ def test_compare_takes_the_gru_presets(corpus_dir, tmp_path):
     md = (tmp_path / "cmp" / "results.md").read_text()
     assert "| gru-online | 1 |" in md and "113.4" in md
     assert (tmp_path / "cmp" / "valid_ppl.png").exists()
+
+
+def _fake_run(cell, norm, seed, valid, per_batch, seconds=(10.0, 20.0), machine="CPU X"):
+    history = [{"event": "epoch", "epoch": e + 1, "step": 5 * (e + 1), "valid_ppl": valid + e,
+                "valid_ppl_mean_batch_exp": per_batch + e, "time_s": t, "machine": machine}
+               for e, t in enumerate(seconds)]
+    return {"preset": f"paper-{cell}-{norm}", "seed": seed, "status": "finished", "config": {"cell": cell, "norm": norm},
+            "history": history, "best_valid_ppl": valid, "best_step": 5}
+
+
+def test_paired_differences_are_per_seed_in_both_measures():
+    """Hand-made runs: online 100 / layer 110 / none 130 on seed 0 (per-batch 105 / 116 / 137), and only layer and
+    none on seed 1; each difference is the first norm's best minus the second's, same cell and seed."""
+    runs = [_fake_run("lstm", "online", 0, 100.0, 105.0), _fake_run("lstm", "layer", 0, 110.0, 116.0),
+            _fake_run("lstm", "none", 0, 130.0, 137.0), _fake_run("lstm", "layer", 1, 120.0, 125.0),
+            _fake_run("lstm", "none", 1, 119.0, 126.5), _fake_run("rnn", "online", 0, 200.0, 210.0)]
+    rows = [line for line in compare.paired_table(runs).splitlines() if line.startswith("| lstm")]
+    assert rows == ["| lstm | 0 | -10.0 (-11.0) | -20.0 (-21.0) |", "| lstm | 1 | — | +1.0 (-1.5) |"]
+    assert compare.paired_table(runs[-1:]) == ""  # no pair: no table
+    line = compare.compute_line(runs)
+    assert line == "Training time of these runs, summed: 0.1 hours on CPU X.\n"  # 6 runs x 30 s = 0.05 h
+
+
+def test_every_epoch_record_names_the_machine(corpus_dir, tmp_path):
+    from lm import machine
+    cfg = TrainConfig(data=str(corpus_dir), out=str(tmp_path / "m"), emsize=8, nhid=8, epochs=1, max_steps=2,
+                      batch_size=4, bptt=6, eval_batch_size=2, eval_bptt=4)
+    (record,) = Trainer(cfg, progress=False).run()["history"]
+    assert record["machine"] == machine.describe(torch.device("cpu"))
+    assert machine.cpu_model() in record["machine"] and f"torch {torch.__version__}" in record["machine"]

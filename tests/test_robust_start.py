@@ -153,7 +153,8 @@ def test_an_undone_update_is_retaken_with_a_truncated_backward(corpus_dir, tmp_p
     than log 100; at lr 1-10 it falls): it is undone.  Its retaken update (forced to pass the check here) must
     equal the truncation warm-up's first step, and the forward statistics those of the run as written."""
     kw = dict(lr=300.0, bptt_mode="fixed")
-    trainer = Trainer(small(corpus_dir, tmp_path / "u", warmup="undo", max_steps=1, **kw), progress=False)
+    trainer = Trainer(small(corpus_dir, tmp_path / "u", warmup="undo", undo_factor=100.0, max_steps=1, **kw),
+                      progress=False)
     damaged, checks = trainer._damaged, []
     trainer._damaged = lambda x, y, before: checks.append(damaged(x, y, before)) or checks[0] and len(checks) == 1
     summary = trainer.run()
@@ -166,7 +167,8 @@ def test_at_lr_300_the_retaken_update_does_damage_too_and_is_halved_until_it_doe
     segment's loss rises by less than log 100.  Reference: the truncation warm-up's first step at lr 300 / 2^n is
     the same update; with no halving allowed the step is skipped and the weights stay where they were."""
     kw = dict(lr=300.0, bptt_mode="fixed", max_steps=1)
-    trainer = Trainer(small(corpus_dir, tmp_path / "u", warmup="undo", **kw), progress=False, log_every=1)
+    trainer = Trainer(small(corpus_dir, tmp_path / "u", warmup="undo", undo_factor=100.0, **kw), progress=False,
+                      log_every=1)
     record = trainer.run()["history"][-1]
     (line,) = _steps(tmp_path / "u")
     assert (record["retries"], record["skipped"]) == (1, 0) and line["undone"].startswith("halved")
@@ -176,7 +178,8 @@ def test_at_lr_300_the_retaken_update_does_damage_too_and_is_halved_until_it_doe
     for k, v in trainer.model.state_dict().items():
         torch.testing.assert_close(v, reference[k], rtol=1e-5, atol=1e-6, msg=k)
 
-    trainer = Trainer(small(corpus_dir, tmp_path / "s", warmup="undo", warmup_halvings=0, **kw), progress=False)
+    trainer = Trainer(small(corpus_dir, tmp_path / "s", warmup="undo", undo_factor=100.0, warmup_halvings=0, **kw),
+                      progress=False)
     start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     record = trainer.run()["history"][-1]
     assert (record["retries"], record["skipped"]) == (1, 1)
@@ -300,7 +303,7 @@ def test_log_every_writes_the_steps_and_the_peak_is_the_largest_early_loss(corpu
     record = trainer.run()["history"][-1]
     lines = [json.loads(x) for x in (tmp_path / "s" / "steps.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(8))
-    assert set(lines[0]) == {"step", "segment", "loss", "grad_norm", "lr", "truncation", "undone"}
+    assert set(lines[0]) == {"step", "segment", "loss", "grad_norm", "lr", "truncation", "undone", "after"}
     assert record["warmup_peak_loss"] == max(r["loss"] for r in lines[:4])
     assert json.loads((tmp_path / "s" / "metrics.jsonl").read_text().splitlines()[-1])["warmup_peak_loss"] == \
         record["warmup_peak_loss"]
