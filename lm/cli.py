@@ -98,8 +98,7 @@ def add_train_parser(sub):
               "ones (at the first step: its own truncated gradient's norm)")
     _add(p, "--undo-factor", name="undo_factor", type=float,
          help="undo: an update during the warm-up is undone and retaken when it multiplied its own segment's "
-              "perplexity by more than this (1e30: a loss 69 nats higher, an update that throws the model away; "
-              "smaller damage is left to --ceiling) (the retaken update too: when it also does damage, it is halved until it "
+              "perplexity by more than this (the retaken update too: when it also does damage, it is halved until it "
               "does not, up to --warmup-halvings times, else the step is skipped); after the first undone update the "
               "rest of the warm-up truncates every backward as truncate does")
     _add(p, "--ceiling", name="ceiling", type=_optional_float, show_none=True,

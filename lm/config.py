@@ -81,7 +81,7 @@ class TrainConfig:
     warmup_steps: int = 300
     warmup_from: int = 32
     retry_factor: float = 10.0
-    undo_factor: float = 1e30  # undo: an update raising its own segment's loss by over log(this) (69 nats) is retaken
+    undo_factor: float = 100.0
     ceiling: float | None = 1.0  # undo: nats above log(V) a warm-up step's loss may reach before the last update is halved
     warmup_halvings: int = 5  # undo: how often the ceiling may halve the previous update, and a damaging retake be halved
     adaptive_clip: float | None = None

@@ -27,9 +27,7 @@ The measures, each a ``TrainConfig`` field (``--as-written`` turns all off):
 - ``warmup="undo"``: every step is taken as written; during the first
   ``warmup_steps`` steps, a trial forward on the step's own segment checks the
   update just taken, and an update that multiplied the segment's perplexity by
-  more than ``undo_factor`` (1e30: its loss rose by more than 69 nats, or became
-  non-finite; an update that throws the model away, as the first update of a long
-  first segment does to the ON-LSTM; smaller damage is the ceiling's) is undone
+  more than ``undo_factor`` (100; its loss rose by more than log 100) is undone
   (weights, statistics, random state) and taken again with the backward
   truncated at ``warmup_from`` steps; that retaken update is checked by the same rule,
   and when it does damage too it is halved until it does not, up to
