@@ -328,11 +328,12 @@ class Trainer:
             self.guard.add(norm)
         self._update()
         outcome, trial = "as written", None
-        if checked and self._damaged(x, y, value):
-            trial = self.trial
-            norm, outcome = self._undo(x, y, before, value, norm)
-            truncate = self.cfg.warmup_from
-        trial = self.trial if checked and trial is None else trial
+        if checked:
+            damaged = self._damaged(x, y, value)
+            trial = self.trial  # the update as written (a retake's checks overwrite self.trial)
+            if damaged:
+                norm, outcome = self._undo(x, y, before, value, norm)
+                truncate = self.cfg.warmup_from
         self.hidden = hidden  # the forward is the same whatever the backward and the update do
         # the weights this step's update started from (none to pull back when the step made no update)
         self.previous = before["params"] if checked and outcome != "skipped" else None
