@@ -72,14 +72,16 @@ BUDGET = ("epochs", "max_steps")  # a run may be continued to a larger budget; a
 def _differences(saved: dict, cfg: TrainConfig, saved_corpus: str | None = None) -> dict:
     """The settings in which a saved run config differs from ``cfg``: {name: (saved, wanted)}, ignoring ``out``
     (a run folder may be moved, e.g. into the committed results), ``device`` (where a run continues is not what
-    it is) and ``data`` when the corpus is the same (``_same_corpus``; ``saved_corpus``: the SHA-256 recorded
-    with the run)."""
+    it is), ``data`` when the corpus is the same (``_same_corpus``; ``saved_corpus``: the SHA-256 recorded
+    with the run), and settings the saved config does not name: they were added to the code after that run was
+    made, and the run is what the code of its time made of its preset (docs/results.md says which code made
+    which committed run), not another run."""
     want = json.loads(json.dumps(asdict(cfg)))
     resolve = lambda c: {**c, "data": str(resolve_data_dir(c.get("data"))), "out": None, "device": None}  # noqa: E731
     saved, want = resolve(saved), resolve(want)
     if _same_corpus(saved["data"], saved_corpus, want["data"]):
         saved["data"] = want["data"]
-    return {k: (saved.get(k), want.get(k)) for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)}
+    return {k: (saved.get(k), want.get(k)) for k in sorted(saved) if saved[k] != want.get(k)}
 
 
 def _same_corpus(saved_data: str, saved_corpus: str | None, wanted_data: str) -> bool:

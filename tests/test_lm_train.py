@@ -321,6 +321,27 @@ def test_compare_never_relabels_a_run_with_other_settings(corpus_dir, tmp_path):
     assert b["epochs_completed"] == 2 and b["history"][0] == a["history"][0]  # continued, not retrained
 
 
+def test_compare_reads_back_a_run_saved_before_a_setting_existed(corpus_dir, tmp_path, monkeypatch):
+    """A saved config without a setting (the committed runs predate ``ceiling`` and ``warmup_halvings``) is the
+    run of the code that made it and is read back; a setting it names with another value is still an error."""
+    grid = dict(data=str(corpus_dir), cells=("rnn",), norms=("none",), seeds=(0,), progress=False, epochs=1,
+                max_steps=2)
+    done = compare.run_grid(tmp_path / "cmp", **grid)
+    summary_path = tmp_path / "cmp" / "paper-rnn-none-seed0" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    for name in ("ceiling", "warmup_halvings"):
+        del summary["config"][name]
+    summary_path.write_text(json.dumps(summary))
+    calls = []
+    monkeypatch.setattr(Trainer, "__init__", lambda self, *a, **k: calls.append(1))
+    again = compare.run_grid(tmp_path / "cmp", **grid, train_missing=False)
+    assert calls == [] and again["runs"] == [{**done["runs"][0], "config": summary["config"]}]
+    summary["config"]["undo_factor"] = 1e30
+    summary_path.write_text(json.dumps(summary))
+    with pytest.raises(ValueError, match=r"other settings \(undo_factor 1e\+30 there, 100.0 here\)"):
+        compare.run_grid(tmp_path / "cmp", **grid, train_missing=False)
+
+
 def test_compare_summarize_trains_nothing_and_names_the_missing_runs(corpus_dir, tmp_path, monkeypatch):
     """--summarize: the table of what is finished (a run of a smaller budget or still running is missing), no
     training; a grid with nothing finished is an error."""
