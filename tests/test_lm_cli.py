@@ -244,14 +244,18 @@ def test_generate_echoes_the_prompt(tiny_checkpoint, capsys):
 
 @pytest.mark.trajectory
 def test_gru_online_trains_40_steps_on_ptb(tmp_path, capsys, record_property):
-    """seqnorm.GRU in the pipeline: 40 steps at a fixed BPTT of 35, loss finite and falling."""
-    assert main(["train", "--cell", "gru", "--norm", "online", "--lr", "1", "--bptt", "35", "--bptt-mode", "fixed",
-                 "--data", str(ptb_dir()), "--max-steps", "40", "--out", str(tmp_path / "gru"), "--no-progress"]) == 0
+    """seqnorm.GRU in the pipeline: 40 steps at a fixed BPTT of 35, loss finite and falling.  Unclipped, the valid
+    loss after 40 steps ranged 7.19-8.17 over the settings of scripts/perturbed_numerics.py (AMD EPYC), against a
+    bound of log(V) - 1 = 8.21: a chaotic edge.  Clipped at 0.25 (as pytorch/examples' word LM is) it ranged
+    7.68-7.96, and the bound is log(V) - 0.5 = 8.71."""
+    assert main(["train", "--cell", "gru", "--norm", "online", "--lr", "1", "--clip", "0.25", "--bptt", "35",
+                 "--bptt-mode", "fixed", "--data", str(ptb_dir()), "--max-steps", "40", "--out", str(tmp_path / "gru"),
+                 "--no-progress"]) == 0
     (record,) = json.loads((tmp_path / "gru" / "summary.json").read_text())["history"]
-    start = math.log(10_000)
-    record_property("valid_loss", f"{record['valid_loss']:.3f} < {start - 1.0:.3f}")
+    bound = math.log(10_000) - 0.5
+    record_property("valid_loss", f"{record['valid_loss']:.3f} < {bound:.3f}")
     record_property("train_loss", f"{record['train_loss']:.3f} (not asserted: a mean over the first steps)")
-    assert record["valid_loss"] < start - 1.0
+    assert record["valid_loss"] < bound
     import seqnorm
     from lm import load_model
 
