@@ -36,6 +36,7 @@ VARIANTS = {
     "undo100": dict(warmup="undo", undo_factor=100.0, ceiling=None, warmup_halvings=0),
     "ceiling1": dict(warmup="undo", undo_factor=100.0, ceiling=1.0),
     "ceiling1-u1e30": dict(warmup="undo", undo_factor=1e30, ceiling=1.0),
+    "ceiling1-halve": dict(warmup="undo", undo_factor=100.0, ceiling=1.0, undo_first="halve"),
     "bptt": dict(warmup="bptt"),
     "lr": dict(warmup="lr"),
     "clip10": dict(AS_WRITTEN, clip=10.0),

@@ -107,6 +107,9 @@ def add_train_parser(sub):
     _add(p, "--warmup-halvings", name="warmup_halvings", type=int,
          help="undo: how many times an update may be halved: the previous one by the ceiling, and a retaken "
               "update that does damage too (0: such a step is skipped)")
+    _add(p, "--undo-first", name="undo_first", choices=("truncate", "halve"),
+         help="undo: what is tried first on a damaging update: retake it with a truncated backward (truncate), or "
+              "halve it as written up to --warmup-halvings times, then the truncated retake (halve)")
     _add(p, "--adaptive-clip", name="adaptive_clip", type=_optional_float, show_none=True,
          help="clip the gradient norm at this many times the median of the last --clip-window norms, or none")
     _add(p, "--clip-window", name="clip_window", type=int, help="how many recent gradient norms the median takes")

@@ -84,6 +84,7 @@ class TrainConfig:
     undo_factor: float = 100.0
     ceiling: float | None = 1.0  # undo: nats above log(V) a warm-up step's loss may reach before the last update is halved
     warmup_halvings: int = 5  # undo: how often the ceiling may halve the previous update, and a damaging retake be halved
+    undo_first: str = "truncate"  # undo: a damaging update is first retaken truncated ("truncate") or halved ("halve")
     adaptive_clip: float | None = None
     clip_window: int = 100
     batch_size: int = 20
@@ -111,6 +112,8 @@ class TrainConfig:
             raise ValueError(f"warmup must be one of {WARMUPS}, got {self.warmup!r}")
         if self.ceiling is not None and not self.ceiling > 0:
             raise ValueError(f"ceiling must be positive (nats above log(V)) or None, got {self.ceiling}")
+        if self.undo_first not in ("truncate", "halve"):
+            raise ValueError(f"undo_first must be 'truncate' or 'halve', got {self.undo_first!r}")
         if self.warmup_halvings < 0:
             raise ValueError(f"warmup_halvings must be 0 or more, got {self.warmup_halvings}")
         for name in ("warmup_steps", "warmup_from", "clip_window"):

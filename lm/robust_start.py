@@ -42,6 +42,10 @@ The measures, each a ``TrainConfig`` field (``--as-written`` turns all off):
   valid perplexity 15,000 after 40 steps).  It acts on damage done, not on a
   large gradient: the same gradient norm throws one preset away and not another
   (the learning rates differ).  A run that never undoes is bit for bit as written.
+  ``undo_first="halve"`` (not the default; docs/robust_start.md) first halves
+  the damaging update as written, up to ``warmup_halvings`` times, and keeps the
+  first halving that does no damage; only when none does is the update retaken
+  truncated as above (and only then does the warm-up go on truncated).
   With it, the ceiling (``ceiling``, 1.0): a warm-up step whose loss, before its
   update, is above log(V) + ``ceiling`` (V the vocabulary; a perplexity e times a
   uniform guess's) shows that the previous update took the model off the road,

@@ -386,14 +386,21 @@ class Trainer:
         return self._forward(x, y, truncate)
 
     def _undo(self, x: torch.Tensor, y: torch.Tensor, before: dict, value: float, norm: float) -> tuple[float, str]:
-        """``warmup="undo"``: the update just taken did damage (``_damaged``).  Undo it and take it again with the
-        backward truncated at ``warmup_from`` steps; that retaken update is checked by the same rule, and when it
-        does damage too (or the segment is too short for the truncation to change anything) it is halved (the
-        weights to the midpoint between where it started and where it ended) and checked again, up to
-        ``warmup_halvings`` times; when every halving does damage, the step makes no update.  Returns the gradient
-        norm (the retaken one, or ``norm`` as written) and "retaken", "halved Nx" or "skipped"."""
-        self._load_snapshot(before)  # weights, statistics and random state as before the step
+        """``warmup="undo"``: the update just taken did damage (``_damaged``).  With ``undo_first="halve"`` the
+        update as written is first halved (the weights to the midpoint between where it started and where it
+        ended) and checked again, up to ``warmup_halvings`` times; it is kept at the first halving that does no
+        damage.  Otherwise (and when every halving does damage) undo it and take it again with the backward
+        truncated at ``warmup_from`` steps; that retaken update is checked by the same rule, and when it does
+        damage too (or the segment is too short for the truncation to change anything) it is halved and checked
+        again in the same way; when every halving does damage, the step makes no update.  Returns the gradient
+        norm (the retaken one, or ``norm`` as written) and "halved Nx as written", "retaken", "halved Nx" or
+        "skipped"."""
         self.sums["retries"] = self.sums.get("retries", 0) + 1
+        if self.cfg.undo_first == "halve":
+            halvings = self._halve_until_harmless(x, y, value, before["params"])
+            if halvings is not None:
+                return norm, f"halved {halvings}x as written"
+        self._load_snapshot(before)  # weights, statistics and random state as before the step
         self.first_undo = self.step if self.first_undo is None else self.first_undo
         if x.shape[0] > self.cfg.warmup_from:
             self._forward_backward(x, y, self.cfg.warmup_from)
@@ -401,13 +408,21 @@ class Trainer:
         self._update()
         if x.shape[0] > self.cfg.warmup_from and not self._damaged(x, y, value):
             return norm, "retaken"
-        for halvings in range(1, self.cfg.warmup_halvings + 1):
-            halve_toward(list(self.model.parameters()), before["params"])
-            if not self._damaged(x, y, value):
-                return norm, f"halved {halvings}x"
+        halvings = self._halve_until_harmless(x, y, value, before["params"])
+        if halvings is not None:
+            return norm, f"halved {halvings}x"
         self._load_snapshot(before)
         self.sums["skipped"] = self.sums.get("skipped", 0) + 1
         return norm, "skipped"
+
+    def _halve_until_harmless(self, x: torch.Tensor, y: torch.Tensor, value: float, start: list) -> int | None:
+        """Halve the update just taken (toward the weights ``start`` it began from) until it does no damage to
+        its own segment, up to ``warmup_halvings`` times; the number of halvings, or None when every one did."""
+        for halvings in range(1, self.cfg.warmup_halvings + 1):
+            halve_toward(list(self.model.parameters()), start)
+            if not self._damaged(x, y, value):
+                return halvings
+        return None
 
     def _log_step(self, record: dict) -> None:
         """``log_every``: one line of steps.jsonl per that many steps (the main process)."""
