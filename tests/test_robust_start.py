@@ -186,6 +186,37 @@ def test_at_lr_300_the_retaken_update_does_damage_too_and_is_halved_until_it_doe
     assert all(torch.equal(trainer.model.state_dict()[k], start[k]) for k in start)
 
 
+def test_undo_first_halve_keeps_the_update_as_written_halved_until_it_does_no_damage(corpus_dir, tmp_path):
+    """``undo_first="halve"``: the damaging first update at lr 300 is halved as written until its segment's loss
+    rises by less than log 100.  Reference: the run as written at lr 300 / 2^n, one step.  Nothing is truncated
+    afterwards (no update was retaken)."""
+    kw = dict(lr=300.0, bptt_mode="fixed", max_steps=1)
+    trainer = Trainer(small(corpus_dir, tmp_path / "h", warmup="undo", undo_first="halve", **kw), progress=False,
+                      log_every=1)
+    record = trainer.run()["history"][-1]
+    (line,) = _steps(tmp_path / "h")
+    assert record["retries"] == 1 and line["undone"].endswith(" as written"), line
+    n = int(line["undone"].split()[1].rstrip("x"))
+    reference, _ = _run_steps(small(corpus_dir, tmp_path / "w", warmup="none", **{**kw, "lr": 300.0 / 2 ** n}), 1)
+    for k, v in trainer.model.state_dict().items():
+        torch.testing.assert_close(v, reference[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert load_checkpoint(tmp_path / "h" / "last.pt")["train"]["first_undo"] is None
+
+
+def test_undo_first_halve_retakes_truncated_when_every_halving_does_damage(corpus_dir, tmp_path):
+    """When the update as written and each of its halvings do damage (forced), the step is the truncated retake,
+    exactly as with ``undo_first="truncate"``, and the warm-up goes on truncated from there."""
+    kw = dict(bptt_mode="fixed")
+    trainer = Trainer(small(corpus_dir, tmp_path / "h", warmup="undo", undo_first="halve", warmup_halvings=3,
+                            max_steps=1, **kw), progress=False, log_every=1)
+    checks = []
+    trainer._damaged = lambda x, y, before: checks.append(1) or len(checks) <= 4  # as written and 3 halvings
+    assert trainer.run()["history"][-1]["retries"] == 1 and len(checks) == 5
+    assert _steps(tmp_path / "h")[0]["undone"] == "retaken"
+    _assert_is_the_truncated_step(trainer.model.state_dict(), corpus_dir, tmp_path, kw)
+    assert load_checkpoint(tmp_path / "h" / "last.pt")["train"]["first_undo"] == 0
+
+
 def test_after_an_undone_update_the_warmup_is_the_truncation_warmup(corpus_dir, tmp_path):
     """An update undone at step 0 (forced: the damage test itself is tested above) is retaken cut at warmup_from
     = K(0); the steps after it are truncated at K(step) as warmup="truncate" does, so the two runs are equal, and
