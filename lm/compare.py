@@ -207,22 +207,23 @@ def _median(s: dict | None, digits: int = 1) -> str:
 
 
 def markdown_table(table: dict, missing=()) -> str:
-    lines = ["| configuration | runs | steps | valid ppl median (min–max) | valid, per-batch | "
-             "test ppl median (min–max) | test, per-batch | steps retaken² | epoch time (s) | paper valid ppl¹ |",
+    lines = ["| configuration | runs | steps | valid ppl, corpus: median (min–max) | valid ppl, per-batch: median "
+             "(min–max) | paper valid ppl, per-batch¹ | test ppl, corpus | test ppl, per-batch | steps retaken² | "
+             "epoch time (s) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in table.items():
         n = row["valid"]["n"] if row["valid"] else 0
         runs = f"{n}" + (f" (+{row['diverged']} diverged)" if row["diverged"] else "")
         steps = ", ".join(str(s) for s in row["steps"])
-        lines.append(f"| {name} | {runs} | {steps} | {_fmt(row['valid'])} | {_median(row['valid_mean_batch_exp'])} | "
-                     f"{_fmt(row['test'])} | {_median(row['test_mean_batch_exp'])} | {row['retaken']} | "
-                     f"{_median(row['epoch_seconds'], 0)} | {_fmt(row['paper_valid'])} |")
+        lines.append(f"| {name} | {runs} | {steps} | {_fmt(row['valid'])} | {_fmt(row['valid_mean_batch_exp'])} | "
+                     f"{_fmt(row['paper_valid'])} | {_fmt(row['test'])} | {_fmt(row['test_mean_batch_exp'])} | "
+                     f"{row['retaken']} | {_median(row['epoch_seconds'], 0)} |")
     return "\n".join(lines) + (
-        "\n\nPerplexity is the corpus figure exp(total NLL / total tokens) of the best-validation epoch; "
-        "'per-batch' is the paper's measure, the mean of per-batch exp(loss), which reads higher (medians). "
+        "\n\nPerplexity of the best-validation epoch in two measures: 'corpus' is exp(total NLL / total tokens), "
+        "seqnorm's figure; 'per-batch' is the paper's, the mean over batches of exp(batch loss), which reads higher. "
         "Epoch time: median training seconds per epoch, evaluation excluded.\n"
         "¹ The paper's median and (min–max) validation perplexity over 25 runs of 25 (LSTM) or 40 (RNN) epochs on "
-        "a GPU; a max in the thousands means some of its runs diverged or failed to train.\n"
+        "a GPU, in its per-batch measure; a max in the thousands means some of its runs diverged or failed to train.\n"
         "² Updates the robust start undid or retried and retook with a truncated backward, summed over the finished "
         "runs; with the default start (undo), 0 means every run is the run as written.\n"
         + (f"\nNot in the table, not finished yet: {', '.join(missing)}.\n" if missing else ""))
