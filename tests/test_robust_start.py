@@ -342,6 +342,26 @@ def test_log_every_writes_the_steps_and_the_peak_is_the_largest_early_loss(corpu
     assert [json.loads(x)["step"] for x in (tmp_path / "e" / "steps.jsonl").read_text().splitlines()] == [0, 2]
 
 
+def test_the_logged_after_is_the_segment_loss_of_the_updated_model(corpus_dir, tmp_path):
+    """``after`` in steps.jsonl: the loss of the step's own segment under the weights the update left, from the
+    segment's starting hidden state and the statistics the step's forward left.  Reference: a plain forward of
+    the first segment through the trained model (train mode, zero hidden state) and its cross-entropy."""
+    trainer = Trainer(small(corpus_dir, tmp_path / "a", warmup="undo", bptt_mode="fixed", max_steps=1),
+                      progress=False, log_every=1)
+    trainer.run()
+    (line,) = _steps(tmp_path / "a")
+    assert line["undone"] == "as written"
+    state = load_checkpoint(tmp_path / "a" / "last.pt")["model"]
+    model = RNNLM(ModelConfig(**load_checkpoint(tmp_path / "a" / "last.pt")["model_config"])).train()
+    model.load_state_dict(state)
+    x, y = segment(trainer.train_data, 0, trainer.cfg.bptt)
+    with torch.no_grad():
+        logits, _ = model(x, model.init_hidden(x.shape[1]))
+    reference = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1)).item()
+    assert line["after"] == pytest.approx(reference, rel=1e-6)
+    assert line["after"] != pytest.approx(line["loss"], rel=1e-4)  # the update changed the segment's loss
+
+
 @pytest.mark.parametrize("cell,norm", [("lstm-cudnn", "none"), ("lstm", "online"), ("rnn", "layer")])
 def test_truncated_backward_keeps_the_forward_and_cuts_the_gradient(cell, norm):
     torch.manual_seed(0)
