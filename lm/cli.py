@@ -10,7 +10,7 @@ import json
 import sys
 from dataclasses import fields
 
-from .config import AS_WRITTEN, CELLS, NORMS, WARMUPS, TrainConfig
+from .config import AS_WRITTEN, CELLS, NORMS, UNDO_FIRST, WARMUPS, TrainConfig
 from .presets import PRESETS, get_preset
 
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
@@ -107,7 +107,7 @@ def add_train_parser(sub):
     _add(p, "--warmup-halvings", name="warmup_halvings", type=int,
          help="undo: how many times an update may be halved: the previous one by the ceiling, and a retaken "
               "update that does damage too (0: such a step is skipped)")
-    _add(p, "--undo-first", name="undo_first", choices=("truncate", "halve"),
+    _add(p, "--undo-first", name="undo_first", choices=UNDO_FIRST,
          help="undo: what is tried first on a damaging update: retake it with a truncated backward (truncate), or "
               "halve it as written up to --warmup-halvings times, then the truncated retake (halve)")
     _add(p, "--adaptive-clip", name="adaptive_clip", type=_optional_float, show_none=True,

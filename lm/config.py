@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields
 CELLS = ("lstm", "rnn", "gru", "lstm-cudnn", "rnn-cudnn", "gru-cudnn")
 NORMS = ("online", "layer", "none")
 WARMUPS = ("truncate", "retry", "undo", "bptt", "lr", "none")  # lm/robust_start.py
+UNDO_FIRST = ("truncate", "halve")  # undo: what a damaging update gets first
 AS_WRITTEN = {"warmup": "none", "adaptive_clip": None}  # --as-written: no robust start
 
 
@@ -112,8 +113,8 @@ class TrainConfig:
             raise ValueError(f"warmup must be one of {WARMUPS}, got {self.warmup!r}")
         if self.ceiling is not None and not self.ceiling > 0:
             raise ValueError(f"ceiling must be positive (nats above log(V)) or None, got {self.ceiling}")
-        if self.undo_first not in ("truncate", "halve"):
-            raise ValueError(f"undo_first must be 'truncate' or 'halve', got {self.undo_first!r}")
+        if self.undo_first not in UNDO_FIRST:
+            raise ValueError(f"undo_first must be one of {UNDO_FIRST}, got {self.undo_first!r}")
         if self.warmup_halvings < 0:
             raise ValueError(f"warmup_halvings must be 0 or more, got {self.warmup_halvings}")
         for name in ("warmup_steps", "warmup_from", "clip_window"):

@@ -351,9 +351,9 @@ def test_the_logged_after_is_the_segment_loss_of_the_updated_model(corpus_dir, t
     trainer.run()
     (line,) = _steps(tmp_path / "a")
     assert line["undone"] == "as written"
-    state = load_checkpoint(tmp_path / "a" / "last.pt")["model"]
-    model = RNNLM(ModelConfig(**load_checkpoint(tmp_path / "a" / "last.pt")["model_config"])).train()
-    model.load_state_dict(state)
+    ckpt = load_checkpoint(tmp_path / "a" / "last.pt")
+    model = RNNLM(ModelConfig(**ckpt["model_config"])).train()
+    model.load_state_dict(ckpt["model"])
     x, y = segment(trainer.train_data, 0, trainer.cfg.bptt)
     with torch.no_grad():
         logits, _ = model(x, model.init_hidden(x.shape[1]))
