@@ -259,11 +259,17 @@ def paired_table(runs: list[dict]) -> str:
 
 
 def compute_line(runs: list[dict]) -> str:
-    """The training time the finished runs took, summed over their epochs (evaluation excluded)."""
-    seconds = sum(h["time_s"] for r in runs if r["status"] == "finished" for h in r["history"] if h["event"] == "epoch")
+    """The training time the finished runs took (evaluation excluded): summed over their epochs as they ran, and
+    at each run's median epoch time, which does not count epochs slowed by other work on the machine (the
+    estimate of what a reproduction takes, one thread per run)."""
+    done = [[h["time_s"] for h in r["history"] if h["event"] == "epoch"] for r in runs if r["status"] == "finished"]
+    seconds = sum(sum(times) for times in done)
+    typical = sum(statistics.median(times) * len(times) for times in done if times)
     machines = sorted({h["machine"] for r in runs for h in r.get("history", []) if h.get("machine")})
     where = f" on {'; '.join(machines)}" if machines else ""
-    return f"Training time of these runs, summed: {seconds / 3600:.1f} hours{where}.\n"
+    return (f"Training time of these runs, summed: {seconds / 3600:.1f} hours{where}; at each run's median epoch "
+            f"time: {typical / 3600:.1f} hours of single-thread runs, {typical / 7200:.1f} hours of wall time with "
+            "two side by side on a 2-core CPU.\n")
 
 
 def runs_table(runs: list[dict]) -> str:

@@ -428,8 +428,11 @@ def test_paired_differences_are_per_seed_in_both_measures():
     rows = [line for line in compare.paired_table(runs).splitlines() if line.startswith("| lstm")]
     assert rows == ["| lstm | 0 | -10.0 (-11.0) | -20.0 (-21.0) |", "| lstm | 1 | — | +1.0 (-1.5) |"]
     assert compare.paired_table(runs[-1:]) == ""  # no pair: no table
-    line = compare.compute_line(runs)
-    assert line == "Training time of these runs, summed: 0.1 hours on CPU X.\n"  # 6 runs x 30 s = 0.05 h
+    slow = _fake_run("rnn", "none", 0, 150.0, 160.0, seconds=(100.0, 3600.0, 140.0))  # one epoch slowed by other work
+    line = compare.compute_line(runs + [slow])
+    # summed: 6 x 30 s + 3840 s = 4020 s = 1.1 h; at the median epoch: 6 x 2 x 15 s + 3 x 140 s = 600 s = 0.17 h
+    assert line == ("Training time of these runs, summed: 1.1 hours on CPU X; at each run's median epoch time: 0.2 hours "
+                    "of single-thread runs, 0.1 hours of wall time with two side by side on a 2-core CPU.\n")
 
 
 def test_every_epoch_record_names_the_machine(corpus_dir, tmp_path):
