@@ -60,8 +60,9 @@ def run_grid(out, data=None, cells=("lstm", "rnn"), norms=("online", "layer", "n
     results = {"status": "finished", "runs": runs, "table": summarize(runs), "missing": missing}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown_table(results["table"], missing) + "\n" + paired_table(runs) + "\n"
-                                    + runs_table(runs) + "\n" + compute_line(runs))
+    (out / "results.md").write_text(cell_table(runs) + "\n" + paired_table(runs) + "\n"
+                                    + markdown_table(results["table"], missing) + "\n" + runs_table(runs) + "\n"
+                                    + compute_line(runs))
     plot_validation(runs, out / "valid_ppl.png")
     return results
 
@@ -227,6 +228,43 @@ def markdown_table(table: dict, missing=()) -> str:
         "² Updates the robust start undid or retried and retook with a truncated backward, summed over the finished "
         "runs; with the default start (undo), 0 means every run is the run as written.\n"
         + (f"\nNot in the table, not finished yet: {', '.join(missing)}.\n" if missing else ""))
+
+
+NORMS = ("online", "layer", "none")
+
+
+def _spread(values: list[float]) -> str:
+    """'median (min–max)' of some runs' figures; one run: its figure; none: a dash."""
+    s = _stats(values)
+    return "—" if s is None else f"{s['median']:.1f}" if s["n"] == 1 else _fmt(s)
+
+
+def cell_table(runs: list[dict]) -> str:
+    """The comparison at a glance: per cell, the best validation perplexity of each norm, median (min–max) over
+    the finished seeds, in the corpus measure and the paper's per-batch one, with the paper's figure (per-batch)
+    beside them."""
+    lines = ["| cell: lr (online / layer / none), epochs, seeds | measure | " + " | ".join(NORMS) + " |", "|---|---|" + "---|" * len(NORMS)]
+    done = [r for r in runs if r["status"] == "finished"]
+    for cell in dict.fromkeys(_family(r) for r in done):
+        mine = [r for r in done if _family(r) == cell]
+        by_norm = {n: [r for r in mine if r["config"]["norm"] == n] for n in NORMS}
+        lrs = " / ".join("/".join(f"{x:g}" for x in sorted({r["config"]["lr"] for r in by_norm[n]})) or "—"
+                         for n in NORMS)
+        epochs = "/".join(str(e) for e in sorted({r["config"]["epochs"] for r in mine}))
+        seeds = ", ".join(str(s) for s in sorted({r["seed"] for r in mine}))
+        name = cell.upper() + (" tanh" if cell == "rnn" else "")
+        corpus = [_spread([r["best_valid_ppl"] for r in by_norm[n]]) for n in NORMS]
+        batch = [_spread([_best_record(r)["valid_ppl_mean_batch_exp"] for r in by_norm[n]]) for n in NORMS]
+        lines.append(f"| {name}: lr {lrs}, {epochs} epochs, seeds {seeds} | corpus | " + " | ".join(corpus) + " |")
+        lines.append("| | per-batch | " + " | ".join(batch) + " |")
+        paper = [_paper(PRESETS[preset_name(cell, n)].paper_valid_ppl) if preset_name(cell, n) in PRESETS else None
+                 for n in NORMS]
+        if any(paper):
+            lines.append("| | paper, per-batch | " + " | ".join(_fmt(p) for p in paper) + " |")
+    return "\n".join(lines) + (
+        "\n\nBest validation perplexity, median (min–max) over the seeds (one seed: its figure). 'corpus': exp(total "
+        "NLL / total tokens), seqnorm's measure; 'per-batch': the mean of exp(batch loss), the paper's measure; "
+        "'paper': its median (min–max) of 25 runs on a GPU, 25 (LSTM) or 40 (RNN) epochs.\n")
 
 
 PAIRS = (("online", "layer"), ("layer", "none"))  # the paired differences: the paper's order, neighbour by neighbour

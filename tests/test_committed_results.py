@@ -1,0 +1,35 @@
+"""The committed result tables are what their run files give: every ``seqnorm-lm compare --summarize`` command
+that README.md or docs/results.md prints, run on a copy of its folder, writes the committed ``results.md`` and
+``results.json`` byte for byte (nothing is trained: the runs are read back from their ``summary.json``), and
+the README's results table is that folder's table."""
+import re
+import shutil
+
+import pytest
+
+from lm.cli import main
+from lm_helpers import REPO, ptb_dir
+
+COMMAND = re.compile(r"^\s+seqnorm-lm compare --summarize (?P<args>.*) --out docs/results/(?P<folder>\S+)$", re.M)
+README, RESULTS = (REPO / "README.md").read_text(), (REPO / "docs" / "results.md").read_text()
+PRINTED = {m["folder"]: m["args"].split() for text in (README, RESULTS) for m in COMMAND.finditer(text)}
+PRINTED_IN_README = [m["folder"] for m in COMMAND.finditer(README)]
+
+
+def test_the_docs_print_the_summarize_commands():
+    assert {"compare_6epochs", "compare_full"} <= set(PRINTED) and len(PRINTED_IN_README) == 1
+
+
+def test_the_readme_shows_the_table_its_command_writes():
+    table = (REPO / "docs" / "results" / PRINTED_IN_README[0] / "results.md").read_text().split("\n\n")[0]
+    assert table.startswith("| cell: lr") and "\n" + table + "\n\n" in README
+
+
+@pytest.mark.parametrize("folder, args", PRINTED.items(), ids=list(PRINTED))
+def test_a_printed_summarize_command_regenerates_its_committed_tables(folder, args, tmp_path):
+    committed = REPO / "docs" / "results" / folder
+    copy = tmp_path / folder
+    shutil.copytree(committed, copy, ignore=shutil.ignore_patterns("results.*", "valid_ppl.png"))
+    assert main(["compare", "--summarize", *args, "--out", str(copy), "--data", str(ptb_dir()), "--no-progress"]) == 0
+    for name in ("results.md", "results.json"):
+        assert (copy / name).read_text() == (committed / name).read_text(), f"{folder}/{name} differs from its runs"
