@@ -107,6 +107,10 @@ def add_train_parser(sub):
     _add(p, "--warmup-halvings", name="warmup_halvings", type=int,
          help="undo: how many times an update may be halved: the previous one by the ceiling, and a retaken "
               "update that does damage too (0: such a step is skipped)")
+    _add(p, "--bound", name="bound", type=_optional_float, show_none=True,
+         help="undo: a warm-up step never trains at a loss of log(V) + this or more: when the ceiling's halvings "
+              "leave it there, the step starts from the weights of an earlier step (the last few, then the run's "
+              "first) that are under it; none turns it off")
     _add(p, "--undo-first", name="undo_first", choices=UNDO_FIRST,
          help="undo: what is tried first on a damaging update: retake it with a truncated backward (truncate), or "
               "halve it as written up to --warmup-halvings times, then the truncated retake (halve)")

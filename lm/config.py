@@ -85,6 +85,7 @@ class TrainConfig:
     undo_factor: float = 100.0
     ceiling: float | None = 1.0  # undo: nats above log(V) a warm-up step's loss may reach before the last update is halved
     warmup_halvings: int = 5  # undo: how often the ceiling may halve the previous update, and a damaging retake be halved
+    bound: float | None = 2.0  # undo: nats above log(V) no warm-up step trains at (earlier weights are taken instead)
     undo_first: str = "truncate"  # undo: a damaging update is first retaken truncated ("truncate") or halved ("halve")
     adaptive_clip: float | None = None
     clip_window: int = 100
@@ -113,6 +114,8 @@ class TrainConfig:
             raise ValueError(f"warmup must be one of {WARMUPS}, got {self.warmup!r}")
         if self.ceiling is not None and not self.ceiling > 0:
             raise ValueError(f"ceiling must be positive (nats above log(V)) or None, got {self.ceiling}")
+        if self.bound is not None and not self.bound > 0:
+            raise ValueError(f"bound must be positive (nats above log(V)) or None, got {self.bound}")
         if self.undo_first not in UNDO_FIRST:
             raise ValueError(f"undo_first must be one of {UNDO_FIRST}, got {self.undo_first!r}")
         if self.warmup_halvings < 0:

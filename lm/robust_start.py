@@ -60,6 +60,16 @@ The measures, each a ``TrainConfig`` field (``--as-written`` turns all off):
   above the ceiling pays for the extra forwards, and a run that never reaches it
   is bit for bit the run without it.  The weights the last update started from
   are saved in ``last.pt`` during the warm-up, so resuming stays exact.
+  And the bound (``bound``, 2.0): no warm-up step trains at a loss of log(V) +
+  ``bound`` or more (a perplexity 7.4 times a uniform guess's).  When the
+  ceiling's halvings leave the loss there, the damage is older than the previous
+  update (measured: ON-RNN seed 6 under other last bits, step 70, 11.24 after
+  five halvings), so the segment is forwarded again from the weights the last
+  ``RECENT_STARTS`` (4) warm-up steps started from, the latest first, then from
+  the run's first weights (where the loss is about log(V)), and the step starts
+  from the first point under the bound (none under it: the lowest).  A run that
+  never reaches the bound is bit for bit the run without it; those weights are
+  saved in ``last.pt`` during the warm-up too.
 - ``adaptive_clip=k``: the global gradient norm is clipped at k times the
   median of the last ``clip_window`` norms, so it is scale-free across presets
   and leaves healthy steps alone (``AdaptiveClip``; inactive until it has seen
@@ -68,7 +78,8 @@ The measures, each a ``TrainConfig`` field (``--as-written`` turns all off):
 The warm-ups but retry and undo are functions of the step count, so resuming
 is exact with no extra state; the recent norms of the retry guard and of the
 adaptive clip, the step of undo's first undone update and, during the warm-up,
-the weights the ceiling would pull back to, are saved in ``last.pt``.
+the weights the ceiling would pull back to and the bound would walk back to, are
+saved in ``last.pt``.
 """
 from __future__ import annotations
 
@@ -80,6 +91,7 @@ import torch
 
 from seqnorm.warmup import truncation_schedule
 
+RECENT_STARTS = 4  # the bound: how many earlier warm-up steps' starting weights are kept to walk back to
 PEAK_STEPS = 300  # every run records the largest per-step training loss of its first PEAK_STEPS steps
 
 

@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -158,6 +159,11 @@ class Trainer:
         self.previous: list[torch.Tensor] | None = None  # warmup="undo": the weights the last update started from
         self.ceiling_loss = (math.log(len(self.corpus.vocab)) + cfg.ceiling
                              if cfg.warmup == "undo" and cfg.ceiling is not None else None)
+        self.bound_loss = (math.log(len(self.corpus.vocab)) + cfg.bound
+                           if cfg.warmup == "undo" and cfg.bound is not None else None)
+        # warmup="undo" with a bound: the weights the last RECENT_STARTS warm-up steps started from, and the first's
+        self.recent: deque[list[torch.Tensor]] = deque(maxlen=robust_start.RECENT_STARTS)
+        self.origin: list[torch.Tensor] | None = None
         self.warmup_peak: float | None = None  # the largest per-step training loss of the first PEAK_STEPS steps
         self.trial: float | None = None  # warmup="undo": the segment's loss after the update, from the last check
         if log_every is not None and log_every < 1:
@@ -190,7 +196,9 @@ class Trainer:
                 "clip": self.clipper.state_dict() if self.clipper is not None else None,
                 "retry": self.guard.state_dict() if self.guard is not None else None,
                 "first_undo": self.first_undo, "warmup_peak": self.warmup_peak,
-                "previous": self.previous if self.step < self.cfg.warmup_steps else None}
+                "previous": self.previous if self.step < self.cfg.warmup_steps else None,
+                "recent": list(self.recent) if self.step < self.cfg.warmup_steps else None,
+                "origin": self.origin if self.step < self.cfg.warmup_steps else None}
         return payload
 
     @contextlib.contextmanager
@@ -250,6 +258,9 @@ class Trainer:
         self.first_undo = t.get("first_undo")
         if t.get("previous") is not None:
             self.previous = [w.to(self.device) for w in t["previous"]]
+        self.recent.extend([w.to(self.device) for w in weights] for weights in t.get("recent") or ())
+        if t.get("origin") is not None:
+            self.origin = [w.to(self.device) for w in t["origin"]]
         self.warmup_peak = t.get("warmup_peak")
         if self.log_every is not None and self.ranks.main and self.steps_log.exists():  # the lines after the
             records = map(json.loads, self.steps_log.read_text().splitlines())  # checkpoint are retaken
@@ -320,6 +331,9 @@ class Trainer:
         tried = None
         if checked and self._over_ceiling(value):
             loss, value, hidden, tried = self._pull_back(x, y, before, truncate, value)
+        walked = None
+        if checked and self.bound_loss is not None and not value < self.bound_loss:
+            loss, value, hidden, walked = self._walk_back(x, y, before, truncate, loss, value, hidden)
         self._backward(loss, value)
         norm = self._grad_norm()
         if watched and self.guard is not None:
@@ -337,13 +351,17 @@ class Trainer:
         self.hidden = hidden  # the forward is the same whatever the backward and the update do
         # the weights this step's update started from (none to pull back when the step made no update)
         self.previous = before["params"] if checked and outcome != "skipped" else None
+        if checked and self.bound_loss is not None:
+            self.origin = before["params"] if self.origin is None else self.origin
+            self.recent.append(before["params"])
         self.sums["grad_norm_max"] = max(self.sums.get("grad_norm_max", 0.0), norm)
         if self.step < robust_start.PEAK_STEPS:
             self.warmup_peak = value if self.warmup_peak is None else max(self.warmup_peak, value)
         self._log_step({"step": self.step, "segment": x.shape[0], "loss": value, "grad_norm": norm,
                         "lr": self.optimizer.param_groups[0]["lr"] * robust_start.lr_factor(self.cfg, self.step),
                         "truncation": truncate, "undone": outcome, **({"after": trial} if checked else {}),
-                        **({"pulled_back": tried} if tried is not None else {})})
+                        **({"pulled_back": tried} if tried is not None else {}),
+                        **({"walked_back": walked} if walked is not None else {})})
         return value
 
     def _over_ceiling(self, value: float) -> bool:
@@ -373,6 +391,41 @@ class Trainer:
                 tried.append(value)
         self.sums["pulled_back"] = self.sums.get("pulled_back", 0) + 1
         return loss, value, hidden, tried
+
+    def _walk_back(self, x: torch.Tensor, y: torch.Tensor, before: dict, truncate: int | None, loss, value: float,
+                   hidden):
+        """The bound: this step's loss is still at log(V) + ``bound`` or above after the ceiling (the damage is
+        older than the previous update).  Forward the segment again (same hidden state, statistics and random
+        state) from the weights the last warm-up steps started from, the latest first, then from the run's first
+        weights (where the loss is about log(V)), and start the step from the first under the bound; when none is,
+        from the one with the lowest loss.  ``before`` is left holding those weights.  Takes and returns the
+        forward's loss tensor, value and hidden state; returns also {"tried": every loss tried, the first one
+        included, "from_step": the step whose starting weights this step now starts from}."""
+        steps = [self.step - 1 - k for k in range(len(self.recent))] + [0]
+        points = [(self.step, [w.clone() for w in before["params"]])]
+        points += [(s, w) for s, w in zip(steps, [*reversed(self.recent), self.origin]) if w is not None]
+        tried, at = [value], 0
+        for at in range(1, len(points)):
+            loss, value, hidden = self._forward_from(x, y, before, truncate, points[at][1])
+            tried.append(value)
+            if value < self.bound_loss:
+                break
+        else:
+            lowest = min(range(len(points)), key=lambda j: tried[j] if math.isfinite(tried[j]) else math.inf)
+            if lowest != at:
+                at = lowest
+                loss, value, hidden = self._forward_from(x, y, before, truncate, points[at][1])
+                tried.append(value)
+        self.sums["walked_back"] = self.sums.get("walked_back", 0) + 1
+        return loss, value, hidden, {"tried": tried, "from_step": points[at][0]}
+
+    def _forward_from(self, x, y, before: dict, truncate: int | None, weights: list):
+        """The segment's forward from ``before`` with its weights replaced by ``weights`` (left in ``before``)."""
+        with torch.no_grad():
+            for w, saved in zip(before["params"], weights):
+                w.copy_(saved)
+        self._load_snapshot(before)
+        return self._forward(x, y, truncate)
 
     def _forward_halved(self, x, y, before: dict, truncate: int | None, ended: list, halvings: int):
         """The segment's forward from ``before`` with the previous update (from ``previous`` to ``ended``) halved
@@ -595,7 +648,7 @@ class Trainer:
                   "valid_ppl_mean_batch_exp": valid["perplexity_mean_batch_exp"],
                   "lr": self.optimizer.param_groups[0]["lr"], "grad_norm_max": s.get("grad_norm_max"),
                   "retries": s.get("retries", 0), "skipped": s.get("skipped", 0),
-                  "pulled_back": s.get("pulled_back", 0),
+                  "pulled_back": s.get("pulled_back", 0), "walked_back": s.get("walked_back", 0),
                   "warmup_peak_loss": self.warmup_peak,
                   "time_s": s["seconds"], "machine": machine.describe(self.device),
                   "tokens_per_s": s["tokens"] / s["seconds"] if s["seconds"] else None}

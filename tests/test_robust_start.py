@@ -292,14 +292,83 @@ def test_when_no_halving_gets_under_the_ceiling_the_step_starts_from_the_lowest_
                                                                                           seed, halvings):
     """A halving can raise the loss (the previous update may have helped this segment): at lr 50 on these seeds it
     does within 6 steps (measured).  When none gets under the ceiling, the segment is forwarded once more from the
-    point with the lowest loss, which must give exactly that loss (the same weights, statistics and hidden state)."""
-    kw = dict(lr=50.0, undo_factor=1e30, ceiling=0.05, warmup_halvings=halvings, max_steps=6, seed=seed)
+    point with the lowest loss, which must give exactly that loss (the same weights, statistics and hidden state).
+    The bound is off: at lr 50 it walks such steps back further."""
+    kw = dict(lr=50.0, undo_factor=1e30, ceiling=0.05, warmup_halvings=halvings, max_steps=6, seed=seed, bound=None)
     Trainer(small(corpus_dir, tmp_path / "c", **kw), progress=False, log_every=1).run()
     fallbacks = [r for r in _steps(tmp_path / "c") if len(r.get("pulled_back", ())) == halvings + 2]
     assert fallbacks
     for r in fallbacks:
         tried = r["pulled_back"]
         assert tried[-1] == min(tried[:-1]) == r["loss"] and tried.index(tried[-1]) < halvings
+
+
+BOUND_KW = dict(lr=50.0, undo_factor=1e30, ceiling=None, max_steps=40)  # the bound alone, at an lr that explodes
+
+
+def test_the_bound_keeps_every_warmup_loss_under_log_v_plus_2(corpus_dir, tmp_path):
+    """At lr 50 with undo's check and the ceiling off, the small model's warm-up trains at losses far above
+    log(V) + 2 (mutation: without the bound); with the default bound no logged loss of the warm-up reaches it,
+    steps were walked back, and the epoch record's peak is the largest logged loss."""
+    without = Trainer(small(corpus_dir, tmp_path / "n", **BOUND_KW, bound=None), progress=False, log_every=1)
+    without.run()
+    limit = math.log(len(without.corpus.vocab)) + 2
+    assert max(r["loss"] for r in _steps(tmp_path / "n")) > limit + 10
+    record = Trainer(small(corpus_dir, tmp_path / "b", **BOUND_KW), progress=False, log_every=1).run()["history"][-1]
+    steps = _steps(tmp_path / "b")
+    assert max(r["loss"] for r in steps) < limit
+    assert record["walked_back"] == sum("walked_back" in r for r in steps) > 10
+    assert record["warmup_peak_loss"] == max(r["loss"] for r in steps)
+
+
+def test_a_walked_back_step_trains_from_the_weights_it_names(corpus_dir, tmp_path):
+    """Seed 0 at lr 50: steps 3 and 20 go back to the start of step 0, step 3 through the steps it keeps, step 20
+    through the run's first weights.  Reference: the weights the model was built with, and the statistics and
+    hidden state of the run stopped before that step, give the segment the loss the step trained at; every point
+    tried before it was at or above the bound."""
+    cfg = small(corpus_dir, tmp_path / "b", **BOUND_KW, seed=0)
+    trainer = Trainer(cfg, progress=False, log_every=1)
+    trainer.run()
+    walked = {r["step"]: r for r in _steps(tmp_path / "b") if r.get("walked_back", {}).get("from_step") == 0}
+    assert {3, 20} <= set(walked) and len(walked[20]["walked_back"]["tried"]) == robust_start.RECENT_STARTS + 2
+    for step in (3, 20):
+        r = walked[step]
+        tried = r["walked_back"]["tried"]
+        assert all(v >= trainer.bound_loss for v in tried[:-1]) and tried[-1] == r["loss"] < trainer.bound_loss
+        cut = Trainer(replace(cfg, out=str(tmp_path / f"cut{step}")), progress=False)
+        built = [p.detach().clone() for p in cut.model.parameters()]
+        cut.run(should_stop=lambda s, step=step: s == step)
+        x, y = segment(cut.train_data, cut.pos, r["segment"])
+        with torch.no_grad():
+            for p, w in zip(cut.model.parameters(), built):
+                p.copy_(w)
+            logits, _ = cut.model(x, cut.hidden)
+        expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).item()
+        assert r["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_bound_no_step_reaches_is_the_run_without_it_bit_for_bit(corpus_dir, tmp_path):
+    """The default bound (log(V) + 2) at lr 50 with the ceiling on: nothing is walked back, and the run is the run
+    without a bound, bit for bit."""
+    kw = {**BOUND_KW, "ceiling": 1.0, "max_steps": 30}
+    without, _ = _run_steps(small(corpus_dir, tmp_path / "w", **kw, bound=None), 30)
+    default, summary = _run_steps(small(corpus_dir, tmp_path / "d", **kw), 30)
+    assert summary["history"][-1]["walked_back"] == 0 and summary["history"][-1]["pulled_back"] > 0
+    for k in without:
+        assert torch.equal(without[k], default[k]), k
+
+
+def test_resume_at_a_walked_back_step_is_exact(corpus_dir, tmp_path):
+    """The weights the bound walks back to are saved during the warm-up: a run cut right before step 20 (which
+    goes back to the run's first weights) resumes exactly."""
+    cfg = small(corpus_dir, tmp_path / "full", **{**BOUND_KW, "max_steps": 24}, seed=0)
+    full = Trainer(cfg, progress=False, log_every=1).run()
+    cut = replace(cfg, out=str(tmp_path / "cut"))
+    Trainer(cut, progress=False, log_every=1).run(should_stop=lambda step: step == 20)
+    assert len(load_checkpoint(tmp_path / "cut" / "last.pt")["train"]["recent"]) == robust_start.RECENT_STARTS
+    resumed = Trainer(cut, resume=True, progress=False, log_every=1).run()
+    assert resumed["final_valid_ppl"] == full["final_valid_ppl"]
+    assert _steps(tmp_path / "cut") == _steps(tmp_path / "full")
 
 
 def test_a_ceiling_no_step_reaches_is_the_run_as_written_bit_for_bit(corpus_dir, tmp_path):
