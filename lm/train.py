@@ -354,6 +354,9 @@ class Trainer:
         if checked and self.bound_loss is not None:
             self.origin = before["params"] if self.origin is None else self.origin
             self.recent.append(before["params"])
+        elif self.origin is not None:  # the warm-up is over: the copies of earlier weights are not needed
+            self.recent.clear()
+            self.origin = None
         self.sums["grad_norm_max"] = max(self.sums.get("grad_norm_max", 0.0), norm)
         if self.step < robust_start.PEAK_STEPS:
             self.warmup_peak = value if self.warmup_peak is None else max(self.warmup_peak, value)

@@ -319,6 +319,10 @@ def test_the_bound_keeps_every_warmup_loss_under_log_v_plus_2(corpus_dir, tmp_pa
     assert max(r["loss"] for r in steps) < limit
     assert record["walked_back"] == sum("walked_back" in r for r in steps) > 10
     assert record["warmup_peak_loss"] == max(r["loss"] for r in steps)
+    after = Trainer(small(corpus_dir, tmp_path / "a", **{**BOUND_KW, "warmup_steps": 5, "max_steps": 6}),
+                    progress=False)
+    after.run()
+    assert after.origin is None and not after.recent  # past the warm-up no copy of earlier weights is kept
 
 
 def test_a_walked_back_step_trains_from_the_weights_it_names(corpus_dir, tmp_path):
