@@ -243,7 +243,8 @@ def cell_table(runs: list[dict]) -> str:
     """The comparison at a glance: per cell, the best validation perplexity of each norm, median (min–max) over
     the finished seeds, in the corpus measure and the paper's per-batch one, with the paper's figure (per-batch)
     beside them."""
-    lines = ["| cell: lr (online / layer / none), epochs, seeds | measure | " + " | ".join(NORMS) + " |", "|---|---|" + "---|" * len(NORMS)]
+    lines = ["| cell: lr (online / layer / none), epochs, seeds | measure | " + " | ".join(NORMS) + " |",
+             "|---|---|" + "---|" * len(NORMS)]
     done = [r for r in runs if r["status"] == "finished"]
     for cell in dict.fromkeys(_family(r) for r in done):
         mine = [r for r in done if _family(r) == cell]

@@ -383,14 +383,14 @@ class Trainer:
         ended = [w.clone() for w in before["params"]]
         tried = [value]
         for _ in range(self.cfg.warmup_halvings):
-            loss, value, hidden = self._forward_halved(x, y, before, truncate, ended, len(tried))
+            loss, value, hidden = self._forward_from(x, y, before, truncate, ended, len(tried))
             tried.append(value)
             if value <= self.ceiling_loss:
                 break
         else:
             lowest = min(range(len(tried)), key=lambda j: tried[j] if math.isfinite(tried[j]) else math.inf)
             if lowest != len(tried) - 1:
-                loss, value, hidden = self._forward_halved(x, y, before, truncate, ended, lowest)
+                loss, value, hidden = self._forward_from(x, y, before, truncate, ended, lowest)
                 tried.append(value)
         self.sums["pulled_back"] = self.sums.get("pulled_back", 0) + 1
         return loss, value, hidden, tried
@@ -422,20 +422,13 @@ class Trainer:
         self.sums["walked_back"] = self.sums.get("walked_back", 0) + 1
         return loss, value, hidden, {"tried": tried, "from_step": points[at][0]}
 
-    def _forward_from(self, x, y, before: dict, truncate: int | None, weights: list):
-        """The segment's forward from ``before`` with its weights replaced by ``weights`` (left in ``before``)."""
+    def _forward_from(self, x, y, before: dict, truncate: int | None, weights: list, halvings: int = 0):
+        """The segment's forward from ``before`` with its weights replaced by ``weights``, moved ``halvings``
+        times halfway toward ``previous`` (the ceiling: the previous update, which ended at ``weights``, halved);
+        ``before`` is left holding those weights."""
         with torch.no_grad():
             for w, saved in zip(before["params"], weights):
                 w.copy_(saved)
-        self._load_snapshot(before)
-        return self._forward(x, y, truncate)
-
-    def _forward_halved(self, x, y, before: dict, truncate: int | None, ended: list, halvings: int):
-        """The segment's forward from ``before`` with the previous update (from ``previous`` to ``ended``) halved
-        ``halvings`` times; ``before`` is left holding those weights."""
-        with torch.no_grad():
-            for start, end in zip(before["params"], ended):
-                start.copy_(end)
         for _ in range(halvings):
             halve_toward(before["params"], self.previous)
         self._load_snapshot(before)

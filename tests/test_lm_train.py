@@ -432,21 +432,24 @@ def test_paired_differences_are_per_seed_in_both_measures():
     slow = _fake_run("rnn", "none", 0, 150.0, 160.0, seconds=(100.0, 3600.0, 140.0))  # one epoch slowed by other work
     line = compare.compute_line(runs + [slow])
     # summed: 6 x 30 s + 3840 s = 4020 s = 1.1 h; at the median epoch: 6 x 2 x 15 s + 3 x 140 s = 600 s = 0.17 h
-    assert line == ("Training time of these runs, summed: 1.1 hours on CPU X; at each run's median epoch time: 0.2 hours "
-                    "of single-thread runs, 0.1 hours of wall time with two side by side on a 2-core CPU.\n")
+    assert line == ("Training time of these runs, summed: 1.1 hours on CPU X; at each run's median epoch time: "
+                    "0.2 hours of single-thread runs, 0.1 hours of wall time with two side by side on a 2-core CPU.\n")
 
 
 def test_the_cell_table_gives_each_norms_median_and_range_in_both_measures_beside_the_paper():
     """Hand-made runs: LSTM online on seeds 0, 1, 2 (best 100 / 120 / 110, per-batch 104 / 125 / 115), layer on
     seed 0 only, no none run; a GRU run has no paper row."""
-    runs = [_fake_run("lstm", "online", 0, 100.0, 104.0, lr=6.5), _fake_run("lstm", "online", 1, 120.0, 125.0, lr=6.5),
-            _fake_run("lstm", "online", 2, 110.0, 115.0, lr=6.5), _fake_run("lstm", "layer", 0, 130.0, 136.0, lr=3.25),
+    runs = [_fake_run("lstm", "online", 0, 100.0, 104.0, lr=6.5), _fake_run("lstm", "online", 1, 120.0, 125.0,
+                                                                               lr=6.5),
+            _fake_run("lstm", "online", 2, 110.0, 115.0, lr=6.5), _fake_run("lstm", "layer", 0, 130.0, 136.0,
+                                                                              lr=3.25),
             _fake_run("gru", "online", 0, 150.0, 155.0, seconds=(1.0, 1.0, 1.0))]
     lines = compare.cell_table(runs).splitlines()
-    assert lines[2:6] == ["| LSTM: lr 6.5 / 3.25 / —, 2 epochs, seeds 0, 1, 2 | corpus | 110.0 (100.0–120.0) | 130.0 | — |",
-                          "| | per-batch | 115.0 (104.0–125.0) | 136.0 | — |",
-                          "| | paper, per-batch | 113.4 (110.8–123.0) | 121.6 (118.2–21217.6) | 124.4 (121.0–133293.5) |",
-                          "| GRU: lr 1 / — / —, 3 epochs, seeds 0 | corpus | 150.0 | — | — |"]
+    assert lines[2:6] == [
+        "| LSTM: lr 6.5 / 3.25 / —, 2 epochs, seeds 0, 1, 2 | corpus | 110.0 (100.0–120.0) | 130.0 | — |",
+        "| | per-batch | 115.0 (104.0–125.0) | 136.0 | — |",
+        "| | paper, per-batch | 113.4 (110.8–123.0) | 121.6 (118.2–21217.6) | 124.4 (121.0–133293.5) |",
+        "| GRU: lr 1 / — / —, 3 epochs, seeds 0 | corpus | 150.0 | — | — |"]
     assert lines[7] == ""  # no paper row for the GRU
 
 
