@@ -27,7 +27,11 @@ def free_port() -> int:
 
 
 def spawn(fn, tmp_path, *args):
-    mp.spawn(fn, args=(2, free_port(), str(tmp_path), *args), nprocs=2, join=True)
+    try:
+        mp.spawn(fn, args=(2, free_port(), str(tmp_path), *args), nprocs=2, join=True)
+    except mp.ProcessExitedException as e:
+        written = [r for r in range(2) if (tmp_path / f"rank{r}.pt").exists()]
+        raise AssertionError(f"{e}; ranks that had written their results: {written}") from e
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
 
