@@ -439,10 +439,10 @@ def test_paired_differences_are_per_seed_in_both_measures():
 def test_the_cell_table_gives_each_norms_median_and_range_in_both_measures_beside_the_paper():
     """Hand-made runs: LSTM online on seeds 0, 1, 2 (best 100 / 120 / 110, per-batch 104 / 125 / 115), layer on
     seed 0 only, no none run; a GRU run has no paper row."""
-    runs = [_fake_run("lstm", "online", 0, 100.0, 104.0, lr=6.5), _fake_run("lstm", "online", 1, 120.0, 125.0,
-                                                                               lr=6.5),
-            _fake_run("lstm", "online", 2, 110.0, 115.0, lr=6.5), _fake_run("lstm", "layer", 0, 130.0, 136.0,
-                                                                              lr=3.25),
+    runs = [_fake_run("lstm", "online", 0, 100.0, 104.0, lr=6.5),
+            _fake_run("lstm", "online", 1, 120.0, 125.0, lr=6.5),
+            _fake_run("lstm", "online", 2, 110.0, 115.0, lr=6.5),
+            _fake_run("lstm", "layer", 0, 130.0, 136.0, lr=3.25),
             _fake_run("gru", "online", 0, 150.0, 155.0, seconds=(1.0, 1.0, 1.0))]
     lines = compare.cell_table(runs).splitlines()
     assert lines[2:6] == [
