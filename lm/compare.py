@@ -239,6 +239,14 @@ def _spread(values: list[float]) -> str:
     return "—" if s is None else f"{s['median']:.1f}" if s["n"] == 1 else _fmt(s)
 
 
+def _seeds_label(per_norm: list[list[int]]) -> str:
+    """The seeds of a cell's row: one list when every norm with runs has the same seeds, else one per norm
+    (``0, 1 / 0 / —``), so a median over two seeds is not labelled as one over three."""
+    lists = [", ".join(str(s) for s in seeds) or "—" for seeds in per_norm]
+    present = {x for x in lists if x != "—"}
+    return present.pop() if len(present) == 1 else " / ".join(lists)
+
+
 def cell_table(runs: list[dict]) -> str:
     """The comparison at a glance: per cell, the best validation perplexity of each norm, median (min–max) over
     the finished seeds, in the corpus measure and the paper's per-batch one, with the paper's figure (per-batch)
@@ -252,7 +260,7 @@ def cell_table(runs: list[dict]) -> str:
         lrs = " / ".join("/".join(f"{x:g}" for x in sorted({r["config"]["lr"] for r in by_norm[n]})) or "—"
                          for n in NORMS)
         epochs = "/".join(str(e) for e in sorted({r["config"]["epochs"] for r in mine}))
-        seeds = ", ".join(str(s) for s in sorted({r["seed"] for r in mine}))
+        seeds = _seeds_label([sorted({r["seed"] for r in by_norm[n]}) for n in NORMS])
         name = cell.upper() + (" tanh" if cell == "rnn" else "")
         corpus = [_spread([r["best_valid_ppl"] for r in by_norm[n]]) for n in NORMS]
         batch = [_spread([_best_record(r)["valid_ppl_mean_batch_exp"] for r in by_norm[n]]) for n in NORMS]

@@ -438,7 +438,7 @@ def test_paired_differences_are_per_seed_in_both_measures():
 
 def test_the_cell_table_gives_each_norms_median_and_range_in_both_measures_beside_the_paper():
     """Hand-made runs: LSTM online on seeds 0, 1, 2 (best 100 / 120 / 110, per-batch 104 / 125 / 115), layer on
-    seed 0 only, no none run; a GRU run has no paper row."""
+    seed 0 only, no none run; a GRU run has no paper row. The row names each norm's seeds where they differ."""
     runs = [_fake_run("lstm", "online", 0, 100.0, 104.0, lr=6.5),
             _fake_run("lstm", "online", 1, 120.0, 125.0, lr=6.5),
             _fake_run("lstm", "online", 2, 110.0, 115.0, lr=6.5),
@@ -446,11 +446,13 @@ def test_the_cell_table_gives_each_norms_median_and_range_in_both_measures_besid
             _fake_run("gru", "online", 0, 150.0, 155.0, seconds=(1.0, 1.0, 1.0))]
     lines = compare.cell_table(runs).splitlines()
     assert lines[2:6] == [
-        "| LSTM: lr 6.5 / 3.25 / —, 2 epochs, seeds 0, 1, 2 | corpus | 110.0 (100.0–120.0) | 130.0 | — |",
+        "| LSTM: lr 6.5 / 3.25 / —, 2 epochs, seeds 0, 1, 2 / 0 / — | corpus | 110.0 (100.0–120.0) | 130.0 | — |",
         "| | per-batch | 115.0 (104.0–125.0) | 136.0 | — |",
         "| | paper, per-batch | 113.4 (110.8–123.0) | 121.6 (118.2–21217.6) | 124.4 (121.0–133293.5) |",
         "| GRU: lr 1 / — / —, 3 epochs, seeds 0 | corpus | 150.0 | — | — |"]
     assert lines[7] == ""  # no paper row for the GRU
+    same = [run for run in runs if run["seed"] == 0 and run["preset"].startswith("paper-lstm")]
+    assert ", 2 epochs, seeds 0 | corpus" in compare.cell_table(same)  # every norm on the same seeds: one list
 
 
 def test_every_epoch_record_names_the_machine(corpus_dir, tmp_path):
