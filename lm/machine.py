@@ -1,6 +1,9 @@
-"""What a run's epoch ran on, recorded in its history: the processor (or GPU), the threads and the torch build.
+"""What a run's epoch ran on, recorded in its history: the processor (or GPU), the instruction set torch's CPU
+kernels use on it, the threads and the torch build.
 
-A long run may be continued on other machines; its time per epoch means something only next to this.
+A long run may be continued on other machines; its time per epoch means something only next to this. Two CPUs of
+one model name can differ in speed and in a run's last bits (torch and MKL take AVX-512 paths where the CPU has
+them), so the instruction set is named too.
 """
 from __future__ import annotations
 
@@ -22,8 +25,9 @@ def cpu_model() -> str:
 
 
 def describe(device: torch.device) -> str:
-    """E.g. 'AMD EPYC, 1 thread, torch 2.13.0+cpu' or 'NVIDIA H200, torch 2.13.0+cu128'."""
+    """E.g. 'AMD EPYC (AVX512), 1 thread, torch 2.13.0+cpu' or 'NVIDIA H200, torch 2.13.0+cu128'."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     threads = torch.get_num_threads()
-    return f"{cpu_model()}, {threads} thread{'s' if threads != 1 else ''}, torch {torch.__version__}"
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"{cpu_model()} ({isa}), {threads} thread{'s' if threads != 1 else ''}, torch {torch.__version__}"

@@ -462,3 +462,4 @@ def test_every_epoch_record_names_the_machine(corpus_dir, tmp_path):
     (record,) = Trainer(cfg, progress=False).run()["history"]
     assert record["machine"] == machine.describe(torch.device("cpu"))
     assert machine.cpu_model() in record["machine"] and f"torch {torch.__version__}" in record["machine"]
+    assert f"({torch.backends.cpu.get_cpu_capability()})" in record["machine"]  # AVX2 or AVX512: speed, last bits
