@@ -2,8 +2,8 @@
 kernels use on it, the threads and the torch build.
 
 A long run may be continued on other machines; its time per epoch means something only next to this. Two CPUs of
-one model name can differ in speed and in a run's last bits (torch and MKL take AVX-512 paths where the CPU has
-them), so the instruction set is named too.
+one model name can differ in speed and in a run's last bits (torch's CPU kernels take AVX-512 paths where the
+CPU has them), so the instruction set is named too.
 """
 from __future__ import annotations
 
