@@ -10,7 +10,7 @@ import json
 import sys
 from dataclasses import fields
 
-from .config import AS_WRITTEN, CELLS, NORMS, UNDO_FIRST, WARMUPS, TrainConfig
+from .config import AS_WRITTEN, CELLS, NORMS, WARMUPS, TrainConfig
 from .presets import PRESETS, get_preset
 
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
@@ -83,24 +83,24 @@ def add_train_parser(sub):
     _add(p, "--lr-decay", name="lr_decay", type=float, help="lr factor applied after every epoch")
     _add(p, "--weight-decay", name="weight_decay", type=float, help="SGD weight decay")
     _add(p, "--clip", name="clip", type=_optional_float, help="gradient norm clipping, or none", show_none=True)
-    p.add_argument("--as-written", action="store_true", help="no robust start (--warmup none, no adaptive clip): "
-                   "the settings exactly as given, e.g. the paper's presets as printed; a long first segment can "
-                   "then blow up a normalized run at initialization")
-    _add(p, "--warmup", name="warmup", choices=WARMUPS, help="robust start: truncate backpropagation (truncate) "
-         "(or cap the segments: bptt, or ramp the lr: lr) for the first --warmup-steps steps; or retake a step "
-         "with a truncated backward when its gradient explodes (retry) or when its update damaged the model (undo)")
+    p.add_argument("--as-written", action="store_true", help="no robust start (--warmup none): the settings "
+                   "exactly as given, e.g. the paper's presets as printed; a long first segment can then blow up a "
+                   "normalized run at initialization")
+    _add(p, "--warmup", name="warmup", choices=WARMUPS, help="robust start (docs/robust_start.md): check each update "
+         "of the first --warmup-steps steps and retake a damaging one with a truncated backward (undo); or truncate "
+         "every backward of the warm-up (truncate); or none")
     _add(p, "--warmup-steps", name="warmup_steps", type=int, help="length of the warm-up in optimizer steps")
     _add(p, "--warmup-from", name="warmup_from", type=int,
-         help="first truncation or segment length of the warm-up, rising linearly to --bptt (retry, undo: the "
-              "truncation of a retaken step)")
-    _add(p, "--retry-factor", name="retry_factor", type=float,
-         help="retry: a step is retried when its gradient norm exceeds this many times the median of the recent "
-              "ones (at the first step: its own truncated gradient's norm)")
+         help="the truncation of a retaken step, and the first of the warm-up's truncations, rising linearly to "
+              "--bptt")
     _add(p, "--undo-factor", name="undo_factor", type=float,
-         help="undo: an update during the warm-up is undone and retaken when it multiplied its own segment's "
-              "perplexity by more than this (the retaken update too: when it also does damage, it is halved until it "
-              "does not, up to --warmup-halvings times, else the step is skipped); after the first undone update the "
-              "rest of the warm-up truncates every backward as truncate does")
+         help="undo: a warm-up update that multiplied its own segment's perplexity by more than this is undone and "
+              "retaken truncated (a retake that does damage too is halved until it does not, up to "
+              "--warmup-halvings times, else the step is skipped); after the first undone update the rest of the "
+              "warm-up truncates every backward as truncate does")
+    _add(p, "--max-gate-update", name="max_gate_update", type=_optional_float, show_none=True,
+         help="undo: a warm-up update that moved a normalized gate's block of weights by more than this many times "
+              "its norm is undone the same way (the damage layer norm's loss does not show); none turns it off")
     _add(p, "--ceiling", name="ceiling", type=_optional_float, show_none=True,
          help="undo: when a warm-up step's loss exceeds log(V) + this, the previous update is halved (up to "
               "--warmup-halvings times) until the step's loss is back under it; none turns it off")
@@ -111,12 +111,6 @@ def add_train_parser(sub):
          help="undo: a warm-up step never trains at a loss of log(V) + this or more: when the ceiling's halvings "
               "leave it there, the step starts from the weights of an earlier step (the last few, then the run's "
               "first) that are under it; none turns it off")
-    _add(p, "--undo-first", name="undo_first", choices=UNDO_FIRST,
-         help="undo: what is tried first on a damaging update: retake it with a truncated backward (truncate), or "
-              "halve it as written up to --warmup-halvings times, then the truncated retake (halve)")
-    _add(p, "--adaptive-clip", name="adaptive_clip", type=_optional_float, show_none=True,
-         help="clip the gradient norm at this many times the median of the last --clip-window norms, or none")
-    _add(p, "--clip-window", name="clip_window", type=int, help="how many recent gradient norms the median takes")
     _add(p, "--batch-size", name="batch_size", type=int,
          help="training batch size: the global batch, split over the processes under torchrun")
     _add(p, "--bptt", name="bptt", type=int, help="segment length (the maximum in random mode)")

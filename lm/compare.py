@@ -22,6 +22,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from .checkpoint import load_checkpoint
+from .config import RETIRED
 from .data import corpus_fingerprint, resolve_data_dir
 from .presets import PRESETS, preset_name
 from .train import TrainConfig, TrainingDiverged, train
@@ -76,9 +77,11 @@ def _differences(saved: dict, cfg: TrainConfig, saved_corpus: str | None = None)
     it is), ``data`` when the corpus is the same (``_same_corpus``; ``saved_corpus``: the SHA-256 recorded
     with the run), and settings the saved config does not name: they were added to the code after that run was
     made, and the run is what the code of its time made of its preset (docs/results.md says which code made
-    which committed run), not another run."""
+    which committed run), not another run; so are retired settings at the value every run now has
+    (``RETIRED``)."""
     want = json.loads(json.dumps(asdict(cfg)))
     resolve = lambda c: {**c, "data": str(resolve_data_dir(c.get("data"))), "out": None, "device": None}  # noqa: E731
+    saved = {k: v for k, v in saved.items() if not (k in RETIRED and v == RETIRED[k])}  # the same as today's
     saved, want = resolve(saved), resolve(want)
     if _same_corpus(saved["data"], saved_corpus, want["data"]):
         saved["data"] = want["data"]

@@ -21,7 +21,6 @@ import signal
 import sys
 import threading
 import time
-from collections import deque
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -30,14 +29,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from seqnorm.distributed import gather_states, load_states, reconcile_statistics, wrap_ddp
+from seqnorm.warmup import gate_norms
 
-from . import machine, parallel, robust_start
+from . import machine, parallel
 from .batching import SegmentLengths, batchify, segment
 from .checkpoint import (check_model_config, check_vocab, load_checkpoint, model_from_checkpoint, save_checkpoint)
 from .data import corpus_fingerprint, load_corpus, resolve_data_dir, vocab_from_state
 from .evaluate import evaluate, safe_exp
 from .config import TrainConfig  # noqa: F401  (re-exported)
 from .model import RNNLM, detach_hidden, map_hidden
+from .robust_start import RobustStart, Segment, rng_state, set_rng_state
 
 
 class TrainingDiverged(FloatingPointError):
@@ -63,28 +64,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"device {name!r} requested but there are {torch.cuda.device_count()} GPUs")
     return device
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@torch.no_grad()
-def halve_toward(weights: list[torch.Tensor], anchors: list[torch.Tensor]) -> None:
-    """Halve an update in place: each weight to the midpoint between itself and its anchor (where the update
-    started)."""
-    for w, a in zip(weights, anchors):
-        w.add_(a).mul_(0.5)
 
 
 @contextlib.contextmanager
@@ -151,21 +130,8 @@ class Trainer:
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=cfg.lr_decay)
         self.lengths = SegmentLengths(cfg.bptt, cfg.bptt_mode, seed=cfg.seed)
-        self.clipper = robust_start.AdaptiveClip(cfg.adaptive_clip, cfg.clip_window) if cfg.adaptive_clip else None
-        self.guard = (robust_start.RetryGuard(cfg.retry_factor, cfg.warmup_steps, cfg.warmup_from, cfg.clip_window)
-                      if cfg.warmup == "retry" else None)
+        self.start = RobustStart(cfg, self.model, len(self.corpus.vocab))
         self.epoch, self.pos, self.step = 0, 0, 0
-        self.first_undo: int | None = None  # warmup="undo": the step of the first undone update
-        self.previous: list[torch.Tensor] | None = None  # warmup="undo": the weights the last update started from
-        self.ceiling_loss = (math.log(len(self.corpus.vocab)) + cfg.ceiling
-                             if cfg.warmup == "undo" and cfg.ceiling is not None else None)
-        self.bound_loss = (math.log(len(self.corpus.vocab)) + cfg.bound
-                           if cfg.warmup == "undo" and cfg.bound is not None else None)
-        # warmup="undo" with a bound: the weights the last RECENT_STARTS warm-up steps started from, and the first's
-        self.recent: deque[list[torch.Tensor]] = deque(maxlen=robust_start.RECENT_STARTS)
-        self.origin: list[torch.Tensor] | None = None
-        self.warmup_peak: float | None = None  # the largest per-step training loss of the first PEAK_STEPS steps
-        self.trial: float | None = None  # warmup="undo": the segment's loss after the update, from the last check
         if log_every is not None and log_every < 1:
             raise ValueError(f"log_every must be positive, got {log_every}")
         self.log_every, self.steps_log = log_every, self.out / "steps.jsonl"
@@ -193,12 +159,7 @@ class Trainer:
                 "lengths": self.lengths.state_dict(), "rng": rng_state(), "epoch": self.epoch, "pos": self.pos,
                 "step": self.step, "hidden": hidden, "sums": dict(self.sums), "best": dict(self.best),
                 "history": list(self.history), "world_size": self.ranks.world, "rank_states": rank_states,
-                "clip": self.clipper.state_dict() if self.clipper is not None else None,
-                "retry": self.guard.state_dict() if self.guard is not None else None,
-                "first_undo": self.first_undo, "warmup_peak": self.warmup_peak,
-                "previous": self.previous if self.step < self.cfg.warmup_steps else None,
-                "recent": list(self.recent) if self.step < self.cfg.warmup_steps else None,
-                "origin": self.origin if self.step < self.cfg.warmup_steps else None}
+                "start": self.start.state_dict()}
         return payload
 
     @contextlib.contextmanager
@@ -251,17 +212,7 @@ class Trainer:
         columns = self.ranks.columns(self.cfg.batch_size)  # the saved hidden state holds the global batch
         self.hidden = map_hidden(lambda h: h[:, columns].to(self.device), t["hidden"])
         self.sums, self.best, self.history = dict(t["sums"]), dict(t["best"]), list(t["history"])
-        if self.clipper is not None and t.get("clip"):
-            self.clipper.load_state_dict(t["clip"])
-        if self.guard is not None and t.get("retry"):
-            self.guard.load_state_dict(t["retry"])
-        self.first_undo = t.get("first_undo")
-        if t.get("previous") is not None:
-            self.previous = [w.to(self.device) for w in t["previous"]]
-        self.recent.extend([w.to(self.device) for w in weights] for weights in t.get("recent") or ())
-        if t.get("origin") is not None:
-            self.origin = [w.to(self.device) for w in t["origin"]]
-        self.warmup_peak = t.get("warmup_peak")
+        self.start.load_state_dict(t.get("start", t), self.device)  # before 2026-12-07: the same keys in "train"
         if self.log_every is not None and self.ranks.main and self.steps_log.exists():  # the lines after the
             records = map(json.loads, self.steps_log.read_text().splitlines())  # checkpoint are retaken
             self._write_json_lines(self.steps_log, [r for r in records if r["step"] < self.step])
@@ -320,195 +271,37 @@ class Trainer:
         return self.epoch >= self.cfg.epochs or (self.cfg.max_steps is not None and self.step >= self.cfg.max_steps)
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """One optimizer step on the segment (x, y) with the robust start's checks; returns the segment's loss
-        before the update (and logs the step when asked)."""
+        """One optimizer step on the segment (x, y), through the robust start; returns the segment's loss before
+        the update (and logs the step when asked)."""
         self.hidden = detach_hidden(self.hidden)
-        watched = robust_start.watched(self.cfg, self.step, x.shape[0])
-        checked = robust_start.checked(self.cfg, self.step)
-        before = self._snapshot(params=checked) if watched or checked else None
-        truncate = robust_start.truncation(self.cfg, self.step, undone=self.first_undo is not None)
-        loss, value, hidden = self._forward(x, y, truncate)
-        tried = None
-        if checked and self._over_ceiling(value):
-            loss, value, hidden, tried = self._pull_back(x, y, before, truncate, value)
-        walked = None
-        if checked and self.bound_loss is not None and not value < self.bound_loss:
-            loss, value, hidden, walked = self._walk_back(x, y, before, truncate, loss, value, hidden)
-        self._backward(loss, value)
-        norm = self._grad_norm()
-        if watched and self.guard is not None:
-            norm, hidden = self._retry_if_exploding(x, y, before, norm, hidden)
-        if self.guard is not None and self.guard.recording(self.step):
-            self.guard.add(norm)
-        self._update()
-        outcome, trial = "as written", None
-        if checked:
-            damaged = self._damaged(x, y, value)
-            trial = self.trial  # the update as written (a retake's checks overwrite self.trial)
-            if damaged:
-                norm, outcome = self._undo(x, y, before, value, norm)
-                truncate = self.cfg.warmup_from
-        self.hidden = hidden  # the forward is the same whatever the backward and the update do
-        # the weights this step's update started from (none to pull back when the step made no update)
-        self.previous = before["params"] if checked and outcome != "skipped" else None
-        if checked and self.bound_loss is not None:
-            self.origin = before["params"] if self.origin is None else self.origin
-            self.recent.append(before["params"])
-        elif self.origin is not None:  # the warm-up is over: the copies of earlier weights are not needed
-            self.recent.clear()
-            self.origin = None
-        self.sums["grad_norm_max"] = max(self.sums.get("grad_norm_max", 0.0), norm)
-        if self.step < robust_start.PEAK_STEPS:
-            self.warmup_peak = value if self.warmup_peak is None else max(self.warmup_peak, value)
-        self._log_step({"step": self.step, "segment": x.shape[0], "loss": value, "grad_norm": norm,
-                        "lr": self.optimizer.param_groups[0]["lr"] * robust_start.lr_factor(self.cfg, self.step),
-                        "truncation": truncate, "undone": outcome, **({"after": trial} if checked else {}),
-                        **({"pulled_back": tried} if tried is not None else {}),
-                        **({"walked_back": walked} if walked is not None else {})})
-        return value
-
-    def _over_ceiling(self, value: float) -> bool:
-        """``warmup="undo"`` with a ceiling: whether this step's loss (before its update) is above log(V) +
-        ``ceiling`` while the previous update can still be pulled back (a non-finite loss is above it)."""
-        return self.ceiling_loss is not None and self.previous is not None and not value <= self.ceiling_loss
-
-    def _pull_back(self, x: torch.Tensor, y: torch.Tensor, before: dict, truncate: int | None, value: float):
-        """The ceiling: the previous update took this step's segment above log(V) + ``ceiling``.  Halve that update
-        (the weights to the midpoint between where it started, ``previous``, and where it ended) and forward the
-        segment again from the same hidden state, statistics and random state, until the loss is under the ceiling
-        or ``warmup_halvings`` halvings are spent.  Then, when none got under it, the step starts from the point
-        tried with the lowest loss (a halving can raise it: the previous update may have helped this segment).
-        ``before`` is left holding the weights the step now starts from.  Returns the forward's loss tensor, value
-        and hidden state, and every loss tried (the first one included, the one trained on last)."""
-        ended = [w.clone() for w in before["params"]]
-        tried = [value]
-        for _ in range(self.cfg.warmup_halvings):
-            loss, value, hidden = self._forward_from(x, y, before, truncate, ended, len(tried))
-            tried.append(value)
-            if value <= self.ceiling_loss:
-                break
-        else:
-            lowest = min(range(len(tried)), key=lambda j: tried[j] if math.isfinite(tried[j]) else math.inf)
-            if lowest != len(tried) - 1:
-                loss, value, hidden = self._forward_from(x, y, before, truncate, ended, lowest)
-                tried.append(value)
-        self.sums["pulled_back"] = self.sums.get("pulled_back", 0) + 1
-        return loss, value, hidden, tried
-
-    def _walk_back(self, x: torch.Tensor, y: torch.Tensor, before: dict, truncate: int | None, loss, value: float,
-                   hidden):
-        """The bound: this step's loss is still at log(V) + ``bound`` or above after the ceiling (the damage is
-        older than the previous update).  Forward the segment again (same hidden state, statistics and random
-        state) from the weights the last warm-up steps started from, the latest first, then from the run's first
-        weights (where the loss is about log(V)), and start the step from the first under the bound; when none is,
-        from the one with the lowest loss.  ``before`` is left holding those weights.  Takes and returns the
-        forward's loss tensor, value and hidden state; returns also {"tried": every loss tried, the first one
-        included, "from_step": the step whose starting weights this step now starts from}."""
-        steps = [self.step - 1 - k for k in range(len(self.recent))] + [0]
-        points = [(self.step, [w.clone() for w in before["params"]])]
-        points += [(s, w) for s, w in zip(steps, [*reversed(self.recent), self.origin]) if w is not None]
-        tried, at = [value], 0
-        for at in range(1, len(points)):
-            loss, value, hidden = self._forward_from(x, y, before, truncate, points[at][1])
-            tried.append(value)
-            if value < self.bound_loss:
-                break
-        else:
-            lowest = min(range(len(points)), key=lambda j: tried[j] if math.isfinite(tried[j]) else math.inf)
-            if lowest != at:
-                at = lowest
-                loss, value, hidden = self._forward_from(x, y, before, truncate, points[at][1])
-                tried.append(value)
-        self.sums["walked_back"] = self.sums.get("walked_back", 0) + 1
-        return loss, value, hidden, {"tried": tried, "from_step": points[at][0]}
-
-    def _forward_from(self, x, y, before: dict, truncate: int | None, weights: list, halvings: int = 0):
-        """The segment's forward from ``before`` with its weights replaced by ``weights``, moved ``halvings``
-        times halfway toward ``previous`` (the ceiling: the previous update, which ended at ``weights``, halved);
-        ``before`` is left holding those weights."""
-        with torch.no_grad():
-            for w, saved in zip(before["params"], weights):
-                w.copy_(saved)
-        for _ in range(halvings):
-            halve_toward(before["params"], self.previous)
-        self._load_snapshot(before)
-        return self._forward(x, y, truncate)
-
-    def _undo(self, x: torch.Tensor, y: torch.Tensor, before: dict, value: float, norm: float) -> tuple[float, str]:
-        """``warmup="undo"``: the update just taken did damage (``_damaged``).  With ``undo_first="halve"`` the
-        update as written is first halved (the weights to the midpoint between where it started and where it
-        ended) and checked again, up to ``warmup_halvings`` times; it is kept at the first halving that does no
-        damage.  Otherwise (and when every halving does damage) undo it and take it again with the backward
-        truncated at ``warmup_from`` steps; that retaken update is checked by the same rule, and when it does
-        damage too (or the segment is too short for the truncation to change anything) it is halved and checked
-        again in the same way; when every halving does damage, the step makes no update.  Returns the gradient
-        norm (the retaken one, or ``norm`` as written) and "halved Nx as written", "retaken", "halved Nx" or
-        "skipped"."""
-        self.sums["retries"] = self.sums.get("retries", 0) + 1
-        if self.cfg.undo_first == "halve":
-            halvings = self._halve_until_harmless(x, y, value, before["params"])
-            if halvings is not None:
-                return norm, f"halved {halvings}x as written"
-        self._load_snapshot(before)  # weights, statistics and random state as before the step
-        self.first_undo = self.step if self.first_undo is None else self.first_undo
-        if x.shape[0] > self.cfg.warmup_from:
-            self._forward_backward(x, y, self.cfg.warmup_from)
-            norm = self._grad_norm()
-        self._update()
-        if x.shape[0] > self.cfg.warmup_from and not self._damaged(x, y, value):
-            return norm, "retaken"
-        halvings = self._halve_until_harmless(x, y, value, before["params"])
-        if halvings is not None:
-            return norm, f"halved {halvings}x"
-        self._load_snapshot(before)
-        self.sums["skipped"] = self.sums.get("skipped", 0) + 1
-        return norm, "skipped"
-
-    def _halve_until_harmless(self, x: torch.Tensor, y: torch.Tensor, value: float, start: list) -> int | None:
-        """Halve the update just taken (toward the weights ``start`` it began from) until it does no damage to
-        its own segment, up to ``warmup_halvings`` times; the number of halvings, or None when every one did."""
-        for halvings in range(1, self.cfg.warmup_halvings + 1):
-            halve_toward(list(self.model.parameters()), start)
-            if not self._damaged(x, y, value):
-                return halvings
-        return None
-
-    def _log_step(self, record: dict) -> None:
-        """``log_every``: one line of steps.jsonl per that many steps (the main process)."""
+        segment = Segment(forward=lambda truncate: self._forward(x, y, truncate), learn=self._learn, length=x.shape[0])
+        value, self.hidden, norm, done = self.start.step(self.step, segment)
+        s = self.sums
+        for name, happened in (("retries", done["undone"] != "as written"), ("skipped", done["undone"] == "skipped"),
+                               ("pulled_back", "pulled_back" in done), ("walked_back", "walked_back" in done)):
+            s[name] = s.get(name, 0) + happened
+        s["grad_norm_max"] = max(s.get("grad_norm_max", 0.0), norm)
         if self.log_every is not None and self.ranks.main and self.step % self.log_every == 0:
+            record = {"step": self.step, "segment": x.shape[0], "loss": value, "grad_norm": norm,
+                      "lr": self.optimizer.param_groups[0]["lr"], **done, "gates": self._gate_norms()}
             with open(self.steps_log, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        return value
 
-    def _update(self) -> None:
-        """Clipping (when asked for), then the SGD step at this step's learning rate."""
-        self._clip()
-        factor = robust_start.lr_factor(self.cfg, self.step)
-        base = [group["lr"] for group in self.optimizer.param_groups]
-        for group in self.optimizer.param_groups:
-            group["lr"] *= factor
-        self.optimizer.step()
-        for group, lr in zip(self.optimizer.param_groups, base):
-            group["lr"] = lr
+    def _gate_norms(self) -> dict | None:
+        """The norm of each gate block of the first layer (forward direction); None without normalized gates."""
+        norms = {name[3:]: v for name, v in gate_norms(self.model.rnn).items() if name.startswith("l0.")}
+        return norms or None
 
-    def _damaged(self, x: torch.Tensor, y: torch.Tensor, before: float) -> bool:
-        """``warmup="undo"``: whether the update just taken raised the loss of its own segment by more than
-        log(undo_factor), i.e. multiplied its perplexity by more than undo_factor.  A trial forward from the
-        segment's starting hidden state; the statistics and random state are put back as the step left them."""
-        after = self._snapshot()
-        with torch.no_grad():
-            logits, _ = self.net(x, self.hidden)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
-            trial = parallel.global_mean(loss, y.numel(), self.ranks)
-        self._load_snapshot(after)
-        self.trial = trial  # the last check's loss, logged with the step (the first check: the update as written)
-        return not trial <= before + math.log(self.cfg.undo_factor)  # a non-finite trial counts as damage
-
-    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, truncate: int | None):
-        """The segment's loss (checked finite before any gradient exists) and its gradients; returns the loss
-        and the hidden state after the segment."""
-        loss, value, hidden = self._forward(x, y, truncate)
+    def _learn(self, loss: torch.Tensor, value: float) -> float:
+        """The backward of ``loss`` (once its value is known to be finite), clipping when asked for, and the SGD
+        step; returns the gradient norm before clipping."""
         self._backward(loss, value)
-        return value, hidden
+        norm = self._grad_norm()
+        if self.cfg.clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
+        self.optimizer.step()
+        return norm
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor, truncate: int | None):
         """The segment's loss tensor, its value (the same on every rank) and the hidden state after it."""
@@ -523,54 +316,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
 
-    def _snapshot(self, params: bool = False) -> dict:
-        """What a forward pass changes besides the graph: the statistics buffers and the random state; with
-        ``params`` also the weights (what an SGD step changes: plain SGD keeps no optimizer state)."""
-        snap = {"buffers": {k: b.clone() for k, b in self.model.named_buffers()}, "rng": rng_state()}
-        if params:
-            snap["params"] = [p.detach().clone() for p in self.model.parameters()]
-        return snap
-
-    def _load_snapshot(self, snap: dict) -> None:
-        with torch.no_grad():
-            for k, b in self.model.named_buffers():
-                b.copy_(snap["buffers"][k])
-            for p, saved in zip(self.model.parameters(), snap.get("params", ())):
-                p.copy_(saved)
-        set_rng_state(snap["rng"])
-
-    def _retry_if_exploding(self, x, y, before: dict, norm: float, hidden):
-        """``warmup="retry"``: keep the step as written unless its gradient norm exceeds the guard's yardstick;
-        then take it again from ``before`` with the backward truncated. Returns the accepted norm and hidden."""
-        reference, after, grads = self.guard.median(), None, None
-        if reference is None:  # no history yet: the yardstick is this segment's own truncated gradient
-            after = self._snapshot()
-            grads = [None if p.grad is None else p.grad.clone() for p in self.model.parameters()]
-        elif not self.guard.exceeds(norm, reference):
-            return norm, hidden
-        full = norm
-        self._load_snapshot(before)
-        _, truncated_hidden = self._forward_backward(x, y, self.guard.length)
-        norm = self._grad_norm()
-        if after is not None and not self.guard.exceeds(full, norm):  # not exploding: back to the step as written
-            self._load_snapshot(after)
-            for p, g in zip(self.model.parameters(), grads):
-                p.grad = g
-            return full, hidden
-        self.sums["retries"] = self.sums.get("retries", 0) + 1
-        return norm, truncated_hidden
-
     def _grad_norm(self) -> float:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-
-    def _clip(self) -> None:
-        """Fixed and adaptive gradient norm clipping, each only when asked for."""
-        params = list(self.model.parameters())
-        if self.cfg.clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.clip)
-        if self.clipper is not None:
-            self.clipper(params)
 
     def _diverged(self, what: str, step: int | None = None) -> "TrainingDiverged":
         """The error for a non-finite loss at the coming step, or a non-finite state after ``step``."""
@@ -603,8 +351,7 @@ class Trainer:
                 if stop.get("stop") or self._limits_reached():
                     return False
                 t0 = time.perf_counter()
-                length, cap = self.lengths.next(), robust_start.segment_cap(self.cfg, self.step)
-                x, y = segment(self.train_data, self.pos, length if cap is None else min(length, cap))
+                x, y = segment(self.train_data, self.pos, self.lengths.next())
                 loss = self._train_step(x, y)
                 self.pos += x.shape[0]
                 self.step += 1
@@ -645,7 +392,7 @@ class Trainer:
                   "lr": self.optimizer.param_groups[0]["lr"], "grad_norm_max": s.get("grad_norm_max"),
                   "retries": s.get("retries", 0), "skipped": s.get("skipped", 0),
                   "pulled_back": s.get("pulled_back", 0), "walked_back": s.get("walked_back", 0),
-                  "warmup_peak_loss": self.warmup_peak,
+                  "warmup_peak_loss": self.start.peak, "gates": self._gate_norms(),
                   "time_s": s["seconds"], "machine": machine.describe(self.device),
                   "tokens_per_s": s["tokens"] / s["seconds"] if s["seconds"] else None}
         self.history.append(record)

@@ -5,7 +5,7 @@ from .cells import GRUCell, LSTMCell, RNNCell
 from .layers import GRU, LSTM, RNN
 from .norms import GroupLayerNorm, OnlineNormConfig
 from .online_norm import OnlineNorm, OnlineNormState, online_norm
-from .warmup import detach_state, truncated_forward, truncation_schedule
+from .warmup import detach_state, gate_norms, largest_gate_update, truncated_forward, truncation_schedule
 
 # The classes a whole saved seqnorm module pickles; registered so that torch.load(..., weights_only=True)
 # reads such a file without the caller listing them.
@@ -13,5 +13,6 @@ SAFE_GLOBALS = [LSTM, RNN, GRU, LSTMCell, RNNCell, GRUCell, OnlineNorm, GroupLay
 torch.serialization.add_safe_globals(SAFE_GLOBALS)
 
 __all__ = ["LSTM", "RNN", "GRU", "LSTMCell", "RNNCell", "GRUCell", "OnlineNorm", "OnlineNormState", "OnlineNormConfig", "GroupLayerNorm",
-           "online_norm", "SAFE_GLOBALS", "truncated_forward", "truncation_schedule", "detach_state"]
+           "online_norm", "SAFE_GLOBALS", "truncated_forward", "truncation_schedule", "detach_state",
+           "gate_norms", "largest_gate_update"]
 __version__ = "0.1.0"

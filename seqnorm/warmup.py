@@ -1,15 +1,26 @@
 """Help for a normalized recurrent layer in your own training loop: the truncated backward that tames the
-explosion at initialization.
+explosion at initialization, and the measure of the damage the loss does not show.
 
 A normalized LSTM or RNN at initialization has gradients that grow about 2x per 10 steps of backpropagation
 through time (docs/robust_start.md); with long segments and a high learning rate the first updates throw the
 model away.  Cutting the backward at K steps for the first few hundred updates, K rising to the full segment,
 removes that, while the forward, the outputs and the normalization statistics stay exactly those of the
-uncut run.  ``seqnorm-lm`` does this with the same two pieces (``lm/model.py``, ``lm/robust_start.py``).
+uncut run.
+
+A normalized gate is scale-invariant: norm(c W [x; h] + c b) = norm(W [x; h] + b) for c > 0, where W is the
+gate's block of rows of ``[weight_ih | weight_hh | bias_ih | bias_hh]``.  So its gradient is orthogonal to
+the block, an update of relative size r = ||dW|| / ||W|| grows the block by sqrt(1 + r^2), and the gate's
+effective learning rate falls as lr / ||W||^2 for the rest of training, while the loss does not move.
+``largest_gate_update`` measures r for every normalized gate block of a layer, so a training loop can refuse
+such an update.  ``seqnorm-lm`` does all this with the same pieces (``lm/model.py``, ``lm/robust_start.py``).
 """
 from __future__ import annotations
 
 import torch
+
+from .layers import _RecurrentLayers
+
+GATE_NAMES = {"lstm": "ifgo", "gru": "rzn", "rnn": "a"}  # torch.nn's row order of each cell's gate blocks
 
 
 def detach_state(hx):
@@ -48,3 +59,39 @@ def truncation_schedule(step: int, warmup_steps: int = 300, start: int = 32, ful
         return start
     k = start + (full - start) * step // warmup_steps
     return k if k < full else None
+
+
+def gate_blocks(layer: torch.nn.Module, weights: dict | None = None) -> dict[str, torch.Tensor]:
+    """Every normalized gate of a seqnorm layer as one block (its rows of ``[weight_ih | weight_hh | bias_ih |
+    bias_hh]``), named ``l{k}{_reverse}.{gate}`` (gates: LSTM i, f, g, o; GRU r, z, n; RNN a).  ``weights``: the
+    layer's parameters by name, e.g. a copy taken before an update (default: the layer's own, detached).
+    An unnormalized layer (``norm=None``, a ``torch.nn`` layer) has no scale-invariant block: ``{}``."""
+    if not isinstance(layer, _RecurrentLayers) or layer.norm_type is None:
+        return {}
+    weights = {n: p.detach() for n, p in layer.named_parameters()} if weights is None else weights
+    H, gates = layer.hidden_size, GATE_NAMES[layer.cell]
+    blocks = {}
+    for k in range(layer.num_layers):
+        for sfx in ("", "_reverse")[:layer.num_directions]:
+            names = [f"{w}_l{k}{sfx}" for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            parts = [weights[n].reshape(len(gates) * H, -1) for n in names if weights.get(n) is not None]
+            rows = torch.cat(parts, dim=1).reshape(len(gates), H, -1)
+            blocks.update({f"l{k}{sfx}.{g}": rows[j] for j, g in enumerate(gates)})
+    return blocks
+
+
+def gate_norms(layer: torch.nn.Module) -> dict[str, float]:
+    """The Frobenius norm of each normalized gate block (``gate_blocks``): where the damage shows."""
+    return {name: float(torch.linalg.vector_norm(b)) for name, b in gate_blocks(layer).items()}
+
+
+def largest_gate_update(layer: torch.nn.Module, before: dict) -> float:
+    """The largest relative update ||W - W_before|| / ||W_before|| over the layer's normalized gate blocks, with
+    ``before`` its parameters by name as they were (``{n: p.detach().clone() for n, p in
+    layer.named_parameters()}``); 0.0 for an unnormalized layer.  An ordinary step of a healthy run is
+    below 0.5; the explosion at initialization gives 10 or more (docs/robust_start.md)."""
+    old, new = gate_blocks(layer, before), gate_blocks(layer)
+    if not old:
+        return 0.0
+    ratios = torch.stack([torch.linalg.vector_norm(new[n] - b) / torch.linalg.vector_norm(b) for n, b in old.items()])
+    return float(torch.nan_to_num(ratios, nan=float("inf")).max())  # a non-finite block is the largest update

@@ -1,8 +1,8 @@
-"""The robust start (lm/robust_start.py): its schedules, the adaptive clip, truncated backpropagation in the model,
-exact resume mid-warm-up, the flags, and on PTB that it is what lets a long-first-segment seed train."""
+"""The robust start (lm/robust_start.py): the object on a tiny model without a Trainer, the checks of loss and
+gate blocks, the retake, halving, ceiling and bound against independent references, exact resume mid-warm-up, the
+flags, and on PTB that it is what lets a long-first-segment seed train."""
 import json
 import math
-import statistics
 from dataclasses import replace
 
 import pytest
@@ -15,6 +15,7 @@ from lm.checkpoint import load_checkpoint
 from lm.cli import build_parser, main, train_config
 from lm.config import ModelConfig
 from lm.model import RNNLM
+from lm.robust_start import RobustStart, Segment
 from lm.train import TrainConfig, Trainer, train
 from lm_helpers import ptb_dir, write_corpus
 
@@ -24,79 +25,141 @@ def corpus_dir(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
-def test_ramp_length_rises_linearly_then_stops():
-    got = [robust_start.ramp_length(step, 10, 32, 128) for step in range(12)]
-    assert got == [32, 41, 51, 60, 70, 80, 89, 99, 108, 118, None, None]  # 32 + floor(96 * step / 10)
-    assert robust_start.ramp_length(0, 10, 128, 128) is None  # nothing to cap
-    assert robust_start.ramp_length(0, 10, 40, 12) is None  # warm-up from above the segment length
-
-
-@pytest.mark.parametrize("warmup", ["truncate", "bptt", "lr", "none"])
-def test_each_warmup_acts_only_through_its_own_lever(warmup):
-    cfg = TrainConfig(warmup=warmup, warmup_steps=4, warmup_from=8, bptt=16)
-    trunc = [robust_start.truncation(cfg, s) for s in range(5)]
-    cap = [robust_start.segment_cap(cfg, s) for s in range(5)]
-    lr = [robust_start.lr_factor(cfg, s) for s in range(5)]
+def test_the_truncation_of_each_warmup():
+    """truncate: K(step) from the first step, 8 + floor(8 * step / 4); undo: none until an update is undone, then
+    K(step); none: never."""
+    model = RNNLM(ModelConfig(vocab_size=10, emsize=4, nhid=4))
+    starts = {w: RobustStart(TrainConfig(warmup=w, warmup_steps=4, warmup_from=8, bptt=16), model, 10)
+              for w in ("truncate", "undo", "none")}
     ramp = [8, 10, 12, 14, None]
-    assert trunc == (ramp if warmup == "truncate" else [None] * 5)
-    assert cap == (ramp if warmup == "bptt" else [None] * 5)
-    assert lr == ([0.25, 0.5, 0.75, 1.0, 1.0] if warmup == "lr" else [1.0] * 5)
+    assert [starts["truncate"].truncation(s) for s in range(5)] == ramp
+    assert [starts["undo"].truncation(s) for s in range(5)] == [None] * 5  # nothing undone: as written
+    for start in starts.values():
+        start.first_undo = 0
+    assert [starts["undo"].truncation(s) for s in range(5)] == ramp
+    assert [starts["none"].truncation(s) for s in range(5)] == [None] * 5
 
 
-def test_undo_truncates_the_rest_of_the_warmup_once_an_update_was_undone():
-    cfg = TrainConfig(warmup="undo", warmup_steps=4, warmup_from=8, bptt=16)
-    assert [robust_start.truncation(cfg, s) for s in range(5)] == [None] * 5  # nothing undone: as written
-    assert [robust_start.truncation(cfg, s, undone=True) for s in range(5)] == [8, 10, 12, 14, None]
-    assert robust_start.truncation(TrainConfig(warmup="none"), 0, undone=True) is None
+# -- the object on a tiny model, without a Trainer -------------------------------------------------------------------
+H, V, T = 8, 12, 10  # hidden size, vocabulary, segment length (> warmup_from: a retake truncates)
 
 
-def _grads(values):
-    return [torch.nn.Parameter(torch.zeros(len(v))) for v in values]
+def _tiny(norm="layer", **kw):
+    torch.manual_seed(0)
+    model = RNNLM(ModelConfig(vocab_size=V, cell="lstm", norm=norm, emsize=H, nhid=H))
+    cfg = TrainConfig(warmup_from=4, bptt=T, **kw)
+    return model, RobustStart(cfg, model, V), torch.randint(0, V, (T + 1, 3))
 
 
-def test_adaptive_clip_clips_at_k_times_the_running_median():
-    clip = robust_start.AdaptiveClip(k=3.0, window=8)
-    seen = []
-    for step, norm in enumerate([1.0, 2.0, 4.0, 3.0, 100.0, 2.5, 1.5, 50.0, 2.0, 0.5]):
-        (p,) = _grads([[0.0]])
-        p.grad = torch.tensor([norm])
-        want_limit = 3.0 * statistics.median(seen[-8:]) if len(seen) >= 2 else math.inf  # active from 8 // 4 norms
-        assert clip.threshold() == pytest.approx(want_limit)
-        assert clip([p]) == pytest.approx(norm)
-        assert p.grad.item() == pytest.approx(min(norm, want_limit), rel=1e-5)
-        seen.append(norm)
-    assert list(clip.norms) == seen[-8:]
-    again = robust_start.AdaptiveClip(k=3.0, window=8)
-    again.load_state_dict(json.loads(json.dumps(clip.state_dict())))
-    assert again.threshold() == clip.threshold() and again.norms.maxlen == 8
+def _segment(model, ids, learn):
+    x, y = ids[:-1], ids[1:]
+
+    def forward(truncate):
+        logits, hidden = model(x, model.init_hidden(x.shape[1]), truncate=truncate)
+        loss = F.cross_entropy(logits.reshape(-1, V), y.reshape(-1))
+        return loss, loss.item(), hidden
+
+    def step(loss, value):
+        model.zero_grad()
+        loss.backward()
+        learn()
+        return 1.0
+
+    return Segment(forward=forward, learn=step, length=x.shape[0])
 
 
-def test_adaptive_clip_keeps_non_finite_norms_out_of_the_median():
-    clip = robust_start.AdaptiveClip(k=2.0, window=4)
-    for value in (1.0, float("inf"), float("nan"), 3.0):
-        (p,) = _grads([[0.0]])
-        p.grad = torch.tensor([value])
-        clip([p])
-    assert list(clip.norms) == [1.0, 3.0]
+def _g_block(model):
+    """The g gate's block, rows 2H..3H of [weight_ih | weight_hh | bias_ih | bias_hh], written out by hand."""
+    rnn = model.rnn
+    rows = slice(2 * H, 3 * H)
+    return torch.cat([rnn.weight_ih_l0[rows], rnn.weight_hh_l0[rows], rnn.bias_ih_l0[rows, None],
+                      rnn.bias_hh_l0[rows, None]], dim=1).detach().clone()
 
 
-def test_retry_guard_watches_long_segments_during_the_warmup_only():
-    guard = robust_start.RetryGuard(k=10.0, steps=5, length=32, window=3)
-    cfg = TrainConfig(warmup="retry", warmup_steps=5, warmup_from=32)
-    assert robust_start.watched(cfg, 0, 33) and not robust_start.watched(cfg, 0, 32)
-    assert not robust_start.watched(cfg, 5, 128)
-    for warmup in ("truncate", "undo"):
-        assert not robust_start.watched(TrainConfig(warmup=warmup), 0, 128)
-    undo = TrainConfig(warmup="undo", warmup_steps=5)  # undo checks every update of the warm-up, short ones too
-    assert robust_start.checked(undo, 0) and robust_start.checked(undo, 4) and not robust_start.checked(undo, 5)
-    assert not robust_start.checked(cfg, 0)
-    assert guard.recording(4) and not guard.recording(5)
-    assert guard.median() is None  # no yardstick yet: the trainer measures the truncated gradient
-    for norm in (1.0, 3.0, float("nan"), 2.0, 100.0):
-        guard.add(norm)
-    assert list(guard.norms) == [3.0, 2.0, 100.0] and guard.median() == 3.0  # the last 3 finite ones
-    assert guard.exceeds(30.5, 3.0) and not guard.exceeds(30.0, 3.0)
-    assert guard.exceeds(float("nan"), 3.0) and guard.exceeds(float("inf"), 3.0)
+def _sgd(model, lr):
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p.sub_(lr * p.grad)
+
+
+def _inflate_g(model, factor):
+    """An update that multiplies the g gate's block by ``factor``: the loss stays where it was (layer norm is
+    scale-invariant), only the weights show it."""
+    with torch.no_grad():
+        for name in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"):
+            getattr(model.rnn, name)[2 * H:3 * H] *= factor
+
+
+@pytest.mark.parametrize("limit", [4.0, None])
+def test_an_update_that_inflates_a_gate_block_is_retaken_and_a_healthy_one_is_not(limit):
+    """The first update multiplies the g block by 10 (relative update 9, the loss flat); its retake is an
+    ordinary small step.  With the default limit (4) it is retaken, truncated; with the check off (mutation) it
+    is kept as written."""
+    model, start, ids = _tiny(max_gate_update=limit)
+    calls = []
+
+    def learn():
+        calls.append(1)
+        _sgd(model, 0.01) if len(calls) > 1 else _inflate_g(model, 10.0)
+
+    g0 = _g_block(model)
+    value, _, _, done = start.step(0, _segment(model, ids, learn))
+    assert done["after"] == pytest.approx(value, abs=1e-3)  # the loss does not show it
+    assert done["gate_update"] == pytest.approx(9.0, rel=1e-5)
+    if limit is None:
+        assert done["undone"] == "as written" and len(calls) == 1
+        torch.testing.assert_close(_g_block(model), 10 * g0)
+        return
+    assert done["undone"] == "retaken" and done["truncation"] == 4 and len(calls) == 2
+    assert start.first_undo == 0 and start.truncation(1) == 4  # the rest of the warm-up is truncated
+    assert torch.linalg.vector_norm(_g_block(model) - g0) < 0.1 * torch.linalg.vector_norm(g0)
+
+    model, start, ids = _tiny()  # a healthy update: kept as written, nothing truncated after it
+    value, _, _, done = start.step(0, _segment(model, ids, lambda: _sgd(model, 0.5)))
+    assert done["undone"] == "as written" and 0 < done["gate_update"] < 0.5 and start.first_undo is None
+
+
+def test_an_inflating_retake_is_halved_until_the_gate_update_is_under_the_limit():
+    """Every update (the first and its retake) multiplies the g block by 10: the retake is halved toward the
+    step's start, 5.5x then 3.25x the block, relative update 4.5 then 2.25, so the second halving passes."""
+    model, start, ids = _tiny()
+    g0 = _g_block(model)
+    _, _, _, done = start.step(0, _segment(model, ids, lambda: _inflate_g(model, 10.0)))
+    assert done["undone"] == "halved 2x"
+    torch.testing.assert_close(_g_block(model), 3.25 * g0)
+
+
+def test_the_gate_update_is_the_largest_relative_change_of_a_gate_block():
+    """Against blocks written out by hand: g's block scaled by 3 and i's rows of weight_hh shifted."""
+    model, start, _ = _tiny()
+    before = [p.detach().clone() for p in model.parameters()]
+    i0 = torch.cat([model.rnn.weight_ih_l0[:H], model.rnn.weight_hh_l0[:H], model.rnn.bias_ih_l0[:H, None],
+                    model.rnn.bias_hh_l0[:H, None]], 1).detach().clone()
+    _inflate_g(model, 3.0)
+    with torch.no_grad():
+        model.rnn.weight_hh_l0[:H] += 0.5
+    i_ratio = float(torch.linalg.vector_norm(torch.full((H, H), 0.5)) / torch.linalg.vector_norm(i0))
+    assert start.gate_update(before) == pytest.approx(max(2.0, i_ratio), rel=1e-5)
+    unnormalized = RNNLM(ModelConfig(vocab_size=V, cell="lstm-cudnn", norm="none", emsize=H, nhid=H))
+    none = RobustStart(TrainConfig(), unnormalized, V)
+    assert none.layers == [] and none.gate_update([p.detach() for p in unnormalized.parameters()]) == 0.0
+
+
+def test_a_step_that_fires_nothing_is_the_plain_step():
+    """A healthy update through the object: the weights, statistics and loss of the same forward and update
+    made without it (online norm: the check's trial forward must leave the statistics as the step left them)."""
+    model, start, ids = _tiny(norm="online")
+    plain, _, _ = _tiny(norm="online")
+    value, _, _, done = start.step(0, _segment(model, ids, lambda: _sgd(model, 0.5)))
+    assert done["undone"] == "as written"
+    loss, plain_value, _ = _segment(plain, ids, None).forward(None)
+    plain.zero_grad()
+    loss.backward()
+    _sgd(plain, 0.5)
+    assert value == plain_value
+    for (k, a), b in zip(model.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), k
 
 
 def _run_steps(cfg, steps):
@@ -111,13 +174,13 @@ def _forward_statistics(cfg) -> set[str]:
     return {k for k in names if k.endswith(("running_mean", "running_var"))}
 
 
-@pytest.mark.parametrize("warmup,factor", [("retry", dict(retry_factor=1e9)), ("undo", dict(undo_factor=1e30))])
-def test_a_retaking_start_that_never_fires_is_the_run_as_written_bit_for_bit(corpus_dir, tmp_path, warmup, factor):
-    """retry computes each watched step with no yardstick yet twice (full, then truncated) and keeps the full one;
-    undo runs a trial forward after each watched update: the state either puts back must be exactly as written."""
+def test_a_run_in_which_nothing_fires_is_the_run_as_written_bit_for_bit(corpus_dir, tmp_path):
+    """The default start checks every update of the warm-up with a trial forward and the gate blocks: when nothing
+    fires, the state it puts back must be exactly as written."""
     written, _ = _run_steps(small(corpus_dir, tmp_path / "w", warmup="none"), 30)
-    started, summary = _run_steps(small(corpus_dir, tmp_path / "s", warmup=warmup, **factor), 30)
-    assert summary["history"][-1]["retries"] == 0
+    started, summary = _run_steps(small(corpus_dir, tmp_path / "s"), 30)
+    record = summary["history"][-1]
+    assert (record["retries"], record["pulled_back"], record["walked_back"]) == (0, 0, 0)
     for k in written:
         assert torch.equal(written[k], started[k]), k
 
@@ -136,18 +199,6 @@ def _assert_is_the_truncated_step(state, corpus_dir, tmp_path, kw):
             assert torch.equal(state[k], written[k]), k
 
 
-def test_a_retried_step_is_the_step_with_a_truncated_backward(corpus_dir, tmp_path):
-    """A retry forced at step 0 (the guard's factor set near 0): the update must equal the truncation warm-up's
-    first step (backward cut at warmup_from) and the forward statistics the run as written's (same forward)."""
-    kw = dict(bptt_mode="fixed")  # a first segment of 12 steps, cut at 3
-    trainer = Trainer(small(corpus_dir, tmp_path / "r", warmup="retry", max_steps=1, **kw), progress=False)
-    trainer.guard.k = 1e-9  # this small model does not explode: make any gradient count as exploding
-    summary = trainer.run()
-    retry = trainer.model.state_dict()
-    assert summary["history"][-1]["retries"] == 1
-    _assert_is_the_truncated_step(retry, corpus_dir, tmp_path, kw)
-
-
 def test_an_undone_update_is_retaken_with_a_truncated_backward(corpus_dir, tmp_path):
     """At lr 300 the first update throws the small model away (its segment's loss rises by about 30, far more
     than log 100; at lr 1-10 it falls): it is undone.  Its retaken update (forced to pass the check here) must
@@ -155,8 +206,14 @@ def test_an_undone_update_is_retaken_with_a_truncated_backward(corpus_dir, tmp_p
     kw = dict(lr=300.0, bptt_mode="fixed")
     trainer = Trainer(small(corpus_dir, tmp_path / "u", warmup="undo", undo_factor=100.0, max_steps=1, **kw),
                       progress=False)
-    damaged, checks = trainer._damaged, []
-    trainer._damaged = lambda x, y, before: checks.append(damaged(x, y, before)) or checks[0] and len(checks) == 1
+    check, checks = trainer.start._check, []
+
+    def forced(seg, value, start):  # the real rule on the update as written; the retake passes
+        got = check(seg, value, start)
+        checks.append(got[0])
+        return (checks[0] and len(checks) == 1, *got[1:])
+
+    trainer.start._check = forced
     summary = trainer.run()
     assert checks[0] and summary["history"][-1]["retries"] == 1  # the real rule found the damage
     _assert_is_the_truncated_step(trainer.model.state_dict(), corpus_dir, tmp_path, kw)
@@ -186,37 +243,6 @@ def test_at_lr_300_the_retaken_update_does_damage_too_and_is_halved_until_it_doe
     assert all(torch.equal(trainer.model.state_dict()[k], start[k]) for k in start)
 
 
-def test_undo_first_halve_keeps_the_update_as_written_halved_until_it_does_no_damage(corpus_dir, tmp_path):
-    """``undo_first="halve"``: the damaging first update at lr 300 is halved as written until its segment's loss
-    rises by less than log 100.  Reference: the run as written at lr 300 / 2^n, one step.  Nothing is truncated
-    afterwards (no update was retaken)."""
-    kw = dict(lr=300.0, bptt_mode="fixed", max_steps=1)
-    trainer = Trainer(small(corpus_dir, tmp_path / "h", warmup="undo", undo_first="halve", **kw), progress=False,
-                      log_every=1)
-    record = trainer.run()["history"][-1]
-    (line,) = _steps(tmp_path / "h")
-    assert record["retries"] == 1 and line["undone"].endswith(" as written"), line
-    n = int(line["undone"].split()[1].rstrip("x"))
-    reference, _ = _run_steps(small(corpus_dir, tmp_path / "w", warmup="none", **{**kw, "lr": 300.0 / 2 ** n}), 1)
-    for k, v in trainer.model.state_dict().items():
-        torch.testing.assert_close(v, reference[k], rtol=1e-5, atol=1e-6, msg=k)
-    assert load_checkpoint(tmp_path / "h" / "last.pt")["train"]["first_undo"] is None
-
-
-def test_undo_first_halve_retakes_truncated_when_every_halving_does_damage(corpus_dir, tmp_path):
-    """When the update as written and each of its halvings do damage (forced), the step is the truncated retake,
-    exactly as with ``undo_first="truncate"``, and the warm-up goes on truncated from there."""
-    kw = dict(bptt_mode="fixed")
-    trainer = Trainer(small(corpus_dir, tmp_path / "h", warmup="undo", undo_first="halve", warmup_halvings=3,
-                            max_steps=1, **kw), progress=False, log_every=1)
-    checks = []
-    trainer._damaged = lambda x, y, before: checks.append(1) or len(checks) <= 4  # as written and 3 halvings
-    assert trainer.run()["history"][-1]["retries"] == 1 and len(checks) == 5
-    assert _steps(tmp_path / "h")[0]["undone"] == "retaken"
-    _assert_is_the_truncated_step(trainer.model.state_dict(), corpus_dir, tmp_path, kw)
-    assert load_checkpoint(tmp_path / "h" / "last.pt")["train"]["first_undo"] == 0
-
-
 def test_after_an_undone_update_the_warmup_is_the_truncation_warmup(corpus_dir, tmp_path):
     """An update undone at step 0 (forced: the damage test itself is tested above) is retaken cut at warmup_from
     = K(0); the steps after it are truncated at K(step) as warmup="truncate" does, so the two runs are equal, and
@@ -224,7 +250,7 @@ def test_after_an_undone_update_the_warmup_is_the_truncation_warmup(corpus_dir, 
     kw = dict(bptt_mode="fixed", max_steps=8)  # segments of 12 steps; K = 3, 3, 3, 3, 3, 4, 4, 4
     trainer = Trainer(small(corpus_dir, tmp_path / "u", warmup="undo", **kw), progress=False)
     calls = []  # damage at step 0's update only, not at its retaken one
-    trainer._damaged = lambda x, y, before: calls.append(trainer.step) or calls == [0]
+    trainer.start._check = lambda seg, value, start: (calls.append(trainer.step) or calls == [0], 0.0, 0.0)
     assert trainer.run()["history"][-1]["retries"] == 1
     undo = trainer.model.state_dict()
     truncated, _ = _run_steps(small(corpus_dir, tmp_path / "t", warmup="truncate", **kw), 8)
@@ -232,7 +258,7 @@ def test_after_an_undone_update_the_warmup_is_the_truncation_warmup(corpus_dir, 
     for k in undo:
         assert torch.equal(undo[k], truncated[k]), k
     assert any(not torch.equal(undo[k], written[k]) for k in undo if "weight" in k)
-    assert load_checkpoint(tmp_path / "u" / "last.pt")["train"]["first_undo"] == 0
+    assert load_checkpoint(tmp_path / "u" / "last.pt")["train"]["start"]["first_undo"] == 0
 
 
 def test_a_retaken_update_that_does_damage_too_is_undone_and_the_step_skipped(corpus_dir, tmp_path):
@@ -241,7 +267,7 @@ def test_a_retaken_update_that_does_damage_too_is_undone_and_the_step_skipped(co
     trainer = Trainer(small(corpus_dir, tmp_path / "u", warmup="undo", bptt_mode="fixed", max_steps=1),
                       progress=False, log_every=1)
     start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    trainer._damaged = lambda x, y, before: True  # the update and its retake
+    trainer.start._check = lambda seg, value, start: (True, 0.0, 0.0)  # the update, its retake, every halving
     record = trainer.run()["history"][-1]
     assert (record["retries"], record["skipped"]) == (1, 1)
     for k in start:
@@ -260,11 +286,11 @@ def test_the_ceiling_halves_the_previous_update_until_the_loss_is_under_it(corpu
     off).  Reference: the run without a ceiling stopped after step 0, whose weights w1 and starting weights w0
     give step 1's segment a loss at w0 + (w1 - w0) / 2^j from the same statistics and hidden state; the ceiling
     must have tried exactly those, stopping at the first under the ceiling or after ``halvings``."""
-    kw = dict(lr=50.0, undo_factor=1e30, ceiling=0.05, warmup_halvings=halvings, max_steps=2)
+    kw = dict(lr=50.0, undo_factor=1e30, max_gate_update=None, ceiling=0.05, warmup_halvings=halvings, max_steps=2)
     trainer = Trainer(small(corpus_dir, tmp_path / "c", **kw), progress=False, log_every=1)
     record = trainer.run()["history"][-1]
     first, second = _steps(tmp_path / "c")
-    tried, limit = second["pulled_back"], trainer.ceiling_loss
+    tried, limit = second["pulled_back"], trainer.start.ceiling
     assert "pulled_back" not in first and record["pulled_back"] == 1
     assert all(v > limit for v in tried[:-1]) and second["loss"] == tried[-1]
     assert tried[-1] <= limit if len(tried) <= halvings else len(tried) == halvings + 1
@@ -294,7 +320,8 @@ def test_when_no_halving_gets_under_the_ceiling_the_step_starts_from_the_lowest_
     does within 6 steps (measured).  When none gets under the ceiling, the segment is forwarded once more from the
     point with the lowest loss, which must give exactly that loss (the same weights, statistics and hidden state).
     The bound is off: at lr 50 it walks such steps back further."""
-    kw = dict(lr=50.0, undo_factor=1e30, ceiling=0.05, warmup_halvings=halvings, max_steps=6, seed=seed, bound=None)
+    kw = dict(lr=50.0, undo_factor=1e30, max_gate_update=None, ceiling=0.05, warmup_halvings=halvings, max_steps=6,
+              seed=seed, bound=None)
     Trainer(small(corpus_dir, tmp_path / "c", **kw), progress=False, log_every=1).run()
     fallbacks = [r for r in _steps(tmp_path / "c") if len(r.get("pulled_back", ())) == halvings + 2]
     assert fallbacks
@@ -303,7 +330,7 @@ def test_when_no_halving_gets_under_the_ceiling_the_step_starts_from_the_lowest_
         assert tried[-1] == min(tried[:-1]) == r["loss"] and tried.index(tried[-1]) < halvings
 
 
-BOUND_KW = dict(lr=50.0, undo_factor=1e30, ceiling=None, max_steps=40)  # the bound alone, at an lr that explodes
+BOUND_KW = dict(lr=50.0, undo_factor=1e30, max_gate_update=None, ceiling=None, max_steps=40)  # the bound alone
 
 
 def test_the_bound_keeps_every_warmup_loss_under_log_v_plus_2(corpus_dir, tmp_path):
@@ -322,7 +349,7 @@ def test_the_bound_keeps_every_warmup_loss_under_log_v_plus_2(corpus_dir, tmp_pa
     after = Trainer(small(corpus_dir, tmp_path / "a", **{**BOUND_KW, "warmup_steps": 5, "max_steps": 6}),
                     progress=False)
     after.run()
-    assert after.origin is None and not after.recent  # past the warm-up no copy of earlier weights is kept
+    assert after.start.origin is None and not after.start.recent  # past the warm-up no earlier weights are kept
 
 
 def test_a_walked_back_step_trains_from_the_weights_it_names(corpus_dir, tmp_path):
@@ -338,7 +365,7 @@ def test_a_walked_back_step_trains_from_the_weights_it_names(corpus_dir, tmp_pat
     for step in (3, 20):
         r = walked[step]
         tried = r["walked_back"]["tried"]
-        assert all(v >= trainer.bound_loss for v in tried[:-1]) and tried[-1] == r["loss"] < trainer.bound_loss
+        assert all(v >= trainer.start.bound for v in tried[:-1]) and tried[-1] == r["loss"] < trainer.start.bound
         cut = Trainer(replace(cfg, out=str(tmp_path / f"cut{step}")), progress=False)
         built = [p.detach().clone() for p in cut.model.parameters()]
         cut.run(should_stop=lambda s, step=step: s == step)
@@ -369,7 +396,7 @@ def test_resume_at_a_walked_back_step_is_exact(corpus_dir, tmp_path):
     full = Trainer(cfg, progress=False, log_every=1).run()
     cut = replace(cfg, out=str(tmp_path / "cut"))
     Trainer(cut, progress=False, log_every=1).run(should_stop=lambda step: step == 20)
-    assert len(load_checkpoint(tmp_path / "cut" / "last.pt")["train"]["recent"]) == robust_start.RECENT_STARTS
+    assert len(load_checkpoint(tmp_path / "cut" / "last.pt")["train"]["start"]["recent"]) == robust_start.RECENT_STARTS
     resumed = Trainer(cut, resume=True, progress=False, log_every=1).run()
     assert resumed["final_valid_ppl"] == full["final_valid_ppl"]
     assert _steps(tmp_path / "cut") == _steps(tmp_path / "full")
@@ -378,7 +405,7 @@ def test_resume_at_a_walked_back_step_is_exact(corpus_dir, tmp_path):
 def test_a_ceiling_no_step_reaches_is_the_run_as_written_bit_for_bit(corpus_dir, tmp_path):
     """The default ceiling (log(V) + 1) on a healthy small run: nothing is pulled back, and the run is the run
     without a ceiling, bit for bit (undo's own check off in both)."""
-    kw = dict(warmup="undo", undo_factor=1e30)
+    kw = dict(warmup="undo", undo_factor=1e30, max_gate_update=None)
     without, _ = _run_steps(small(corpus_dir, tmp_path / "w", ceiling=None, **kw), 30)
     default, summary = _run_steps(small(corpus_dir, tmp_path / "d", **kw), 30)
     assert summary["history"][-1]["pulled_back"] == 0
@@ -389,13 +416,14 @@ def test_a_ceiling_no_step_reaches_is_the_run_as_written_bit_for_bit(corpus_dir,
 def test_resume_at_a_pulled_back_step_is_exact(corpus_dir, tmp_path):
     """The weights the last update started from are saved during the warm-up: a run cut right before a step that
     pulls its previous update back resumes exactly."""
-    cfg = small(corpus_dir, tmp_path / "full", lr=21.0, undo_factor=1e30, ceiling=0.3, max_steps=30)
+    cfg = small(corpus_dir, tmp_path / "full", lr=21.0, undo_factor=1e30, max_gate_update=None, ceiling=0.3,
+                max_steps=30)
     full = Trainer(cfg, progress=False, log_every=1).run()
     pulled = [r["step"] for r in _steps(tmp_path / "full") if "pulled_back" in r and r["step"] > 1]
     assert pulled
     cut = replace(cfg, out=str(tmp_path / "cut"))
     Trainer(cut, progress=False, log_every=1).run(should_stop=lambda step: step == pulled[0])
-    assert load_checkpoint(tmp_path / "cut" / "last.pt")["train"]["previous"] is not None
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["train"]["start"]["previous"] is not None
     resumed = Trainer(cut, resume=True, progress=False, log_every=1).run()
     assert resumed["final_valid_ppl"] == full["final_valid_ppl"]
     assert _steps(tmp_path / "cut") == _steps(tmp_path / "full")
@@ -407,12 +435,34 @@ def test_log_every_writes_the_steps_and_the_peak_is_the_largest_early_loss(corpu
     record = trainer.run()["history"][-1]
     lines = [json.loads(x) for x in (tmp_path / "s" / "steps.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(8))
-    assert set(lines[0]) == {"step", "segment", "loss", "grad_norm", "lr", "truncation", "undone", "after"}
+    assert set(lines[0]) == {"step", "segment", "loss", "grad_norm", "lr", "truncation", "undone", "after",
+                             "gate_update", "gates"}
     assert record["warmup_peak_loss"] == max(r["loss"] for r in lines[:4])
     assert json.loads((tmp_path / "s" / "metrics.jsonl").read_text().splitlines()[-1])["warmup_peak_loss"] == \
         record["warmup_peak_loss"]
     Trainer(small(corpus_dir, tmp_path / "e", max_steps=4), progress=False, log_every=2).run()
     assert [json.loads(x)["step"] for x in (tmp_path / "e" / "steps.jsonl").read_text().splitlines()] == [0, 2]
+
+
+def test_the_logged_gate_norms_are_the_first_layers_blocks_at_that_step(corpus_dir, tmp_path):
+    """``gates`` in steps.jsonl and in the epoch record: the norm of each gate's rows of [W_ih | W_hh | b_ih | b_hh]
+    of the first layer after the step.  Reference: the blocks cut by hand from the checkpoint written after the last
+    step.  An unnormalized model logs none."""
+    cfg = small(corpus_dir, tmp_path / "g", cell="lstm", norm="layer", nlayers=2, max_steps=3)
+    record = Trainer(cfg, progress=False, log_every=1).run()["history"][-1]
+    last = _steps(tmp_path / "g")[-1]
+    state, h = load_checkpoint(tmp_path / "g" / "last.pt")["model"], cfg.nhid
+    expected = {}
+    for j, gate in enumerate("ifgo"):
+        rows = slice(j * h, (j + 1) * h)
+        block = torch.cat([state["rnn.weight_ih_l0"][rows], state["rnn.weight_hh_l0"][rows],
+                           state["rnn.bias_ih_l0"][rows, None], state["rnn.bias_hh_l0"][rows, None]], dim=1)
+        expected[gate] = torch.linalg.vector_norm(block).item()
+    assert last["gates"] == pytest.approx(expected, rel=1e-6) and record["gates"] == last["gates"]
+    assert expected["i"] != pytest.approx(expected["g"], rel=1e-3)  # the blocks differ: the order is checked
+    Trainer(small(corpus_dir, tmp_path / "n", cell="lstm-cudnn", norm="none", max_steps=1), progress=False,
+            log_every=1).run()
+    assert _steps(tmp_path / "n")[0]["gates"] is None
 
 
 def test_the_logged_after_is_the_segment_loss_of_the_updated_model(corpus_dir, tmp_path):
@@ -476,71 +526,42 @@ def small(corpus_dir, out, **kw):
     return TrainConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("warmup,adaptive", [("truncate", 2.0), ("bptt", None), ("lr", 2.0), ("retry", None),
-                                             ("undo", None)])
-def test_resume_mid_warmup_is_exact(corpus_dir, tmp_path, warmup, adaptive):
-    cfg = small(corpus_dir, tmp_path / "full", warmup=warmup, adaptive_clip=adaptive, clip_window=8,
-                retry_factor=1.2, undo_factor=1.01, lr=21.0 if warmup == "undo" else 1.0,  # undo: 2 undone steps
-                ceiling=None)  # (at lr 21 the ceiling would act first; its resume: test_resume_at_a_pulled_back_step)
+@pytest.mark.parametrize("warmup", ["truncate", "undo"])
+def test_resume_mid_warmup_is_exact(corpus_dir, tmp_path, warmup):
+    cfg = small(corpus_dir, tmp_path / "full", warmup=warmup, undo_factor=1.01, lr=21.0 if warmup == "undo" else 1.0,
+                ceiling=None)  # undo: 2 undone steps (at lr 21 the ceiling would act first: test_resume_at_a_pulled_back_step)
     full = train(cfg, progress=False)
     assert full["steps"] > 40  # the warm-up ends inside the run
     cut = replace(cfg, out=str(tmp_path / "cut"))
     assert train(cut, progress=False, should_stop=lambda step: step == 17)["status"] == "interrupted"
     saved = load_checkpoint(tmp_path / "cut" / "last.pt")["train"]
     assert saved["step"] == 17
-    assert (saved["clip"] is not None) == (adaptive is not None)
-    if adaptive:
-        assert len(saved["clip"]["norms"]) == 8
     resumed = train(cut, resume=True, progress=False)
     for key in ("steps", "best_valid_ppl", "final_valid_ppl", "test_ppl"):
         assert resumed[key] == full[key], key
     a, b = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "cut" / "last.pt")
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    assert a["train"]["clip"] == b["train"]["clip"]
-    assert (a["train"]["retry"] is not None) == (warmup == "retry")
-    assert a["train"]["retry"] == b["train"]["retry"]
-    if warmup == "retry":
-        assert len(a["train"]["retry"]["norms"]) == 8
-    if warmup in ("retry", "undo"):
-        assert sum(r["retries"] for r in full["history"]) > 0
     if warmup == "undo":  # the cut came after the first undone update: resuming must know the rest is truncated
-        assert saved["first_undo"] is not None and saved["first_undo"] < 17
-        assert a["train"]["first_undo"] == b["train"]["first_undo"] == saved["first_undo"]
-
-
-def test_the_warmups_change_what_they_say(corpus_dir, tmp_path):
-    """bptt: more, shorter segments during warm-up; lr: a smaller first update; truncate: same segments."""
-    steps = {}
-    for warmup in ("none", "truncate", "bptt"):
-        steps[warmup] = train(small(corpus_dir, tmp_path / warmup, warmup=warmup, epochs=1), progress=False)["steps"]
-    assert steps["truncate"] == steps["none"] < steps["bptt"]
-    moved = {}
-    for warmup in ("none", "lr"):
-        trainer = Trainer(small(corpus_dir, tmp_path / f"lr-{warmup}", warmup=warmup, max_steps=1), progress=False)
-        before = trainer.model.decoder.bias.detach().clone()
-        trainer.run()
-        moved[warmup] = (trainer.model.decoder.bias.detach() - before).norm().item()
-        assert trainer.optimizer.param_groups[0]["lr"] == 1.0  # the base lr is restored after the step
-    assert moved["lr"] == pytest.approx(moved["none"] / 40, rel=1e-4)  # factor (0 + 1) / warmup_steps
+        assert sum(r["retries"] for r in full["history"]) > 0
+        assert saved["start"]["first_undo"] is not None and saved["start"]["first_undo"] < 17
+        assert a["train"]["start"]["first_undo"] == b["train"]["start"]["first_undo"] == saved["start"]["first_undo"]
 
 
 def test_as_written_flag_and_its_conflicts(capsys):
     parse = build_parser().parse_args
     preset = train_config(parse(["train", "--preset", "paper-lstm-online"]))
-    assert (preset.warmup, preset.adaptive_clip, preset.clip) == ("undo", None, None)  # the robust start
+    assert (preset.warmup, preset.max_gate_update, preset.clip) == ("undo", 4.0, None)  # the robust start
     written = train_config(parse(["train", "--preset", "paper-lstm-online", "--as-written"]))
-    assert (written.warmup, written.adaptive_clip, written.lr) == ("none", None, 6.5)
+    assert (written.warmup, written.lr) == ("none", 6.5)
     both = train_config(parse(["train", "--as-written", "--clip", "5"]))  # clipping is a setting, not the start
     assert both.clip == 5 and both.warmup == "none"
-    assert main(["train", "--as-written", "--warmup", "lr"]) == 2
-    assert "--as-written turns the robust start off; it cannot go with --warmup lr" in capsys.readouterr().err
+    assert main(["train", "--as-written", "--warmup", "truncate"]) == 2
+    assert "--as-written turns the robust start off; it cannot go with --warmup truncate" in capsys.readouterr().err
     with pytest.raises(ValueError, match="warmup must be one of"):
         TrainConfig(warmup="slow")
-    with pytest.raises(ValueError, match="adaptive_clip must be positive"):
-        TrainConfig(adaptive_clip=0)
-    with pytest.raises(ValueError, match="retry_factor must be above 1"):
-        TrainConfig(retry_factor=1.0)
+    with pytest.raises(ValueError, match="max_gate_update must be positive"):
+        TrainConfig(max_gate_update=0)
     with pytest.raises(ValueError, match="undo_factor must be above 1"):
         TrainConfig(undo_factor=0.5)
 
