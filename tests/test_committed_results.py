@@ -1,5 +1,5 @@
 """The committed result tables are what their run files give: every ``seqnorm-lm compare --summarize`` command
-that README.md or docs/results.md prints, run on a copy of its folder, writes the committed ``results.md`` and
+that README.md, docs/results.md or docs/gru.md prints, run on a copy of its folder, writes the committed ``results.md`` and
 ``results.json`` byte for byte (nothing is trained: the runs are read back from their ``summary.json``), and
 the README's results table is that folder's table."""
 import re
@@ -11,13 +11,15 @@ from lm.cli import main
 from lm_helpers import REPO, ptb_dir
 
 COMMAND = re.compile(r"^\s+seqnorm-lm compare --summarize (?P<args>.*) --out docs/results/(?P<folder>\S+)$", re.M)
-README, RESULTS = (REPO / "README.md").read_text(), (REPO / "docs" / "results.md").read_text()
-PRINTED = {m["folder"]: m["args"].split() for text in (README, RESULTS) for m in COMMAND.finditer(text)}
+README = (REPO / "README.md").read_text()
+DOCS = [README] + [(REPO / "docs" / name).read_text() for name in ("results.md", "gru.md")]
+PRINTED = {m["folder"]: m["args"].split() for text in DOCS for m in COMMAND.finditer(text)}
 PRINTED_IN_README = [m["folder"] for m in COMMAND.finditer(README)]
 
 
 def test_the_docs_print_the_summarize_commands():
-    assert {"compare_6epochs", "compare_full"} <= set(PRINTED) and len(PRINTED_IN_README) == 1
+    assert {"compare_6epochs", "compare_full", "gru_compare_3epochs", "gru_none_3seeds_3epochs"} <= set(PRINTED)
+    assert len(PRINTED_IN_README) == 1
 
 
 def test_the_readme_shows_the_table_its_command_writes():

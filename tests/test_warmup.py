@@ -1,5 +1,11 @@
-"""seqnorm.warmup: the truncated backward for users' own loops, held to the gradient structure it must have and to
-the LM pipeline's truncation on the same input."""
+"""seqnorm.warmup: the truncated backward and the gate-block measure for users' own loops, held to the gradient
+structure they must have, to blocks cut by hand and to the LM pipeline's truncation on the same input."""
+import contextlib
+import io
+import math
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -55,3 +61,43 @@ def test_a_users_loop_with_the_helper_equals_the_lms_truncated_backward():
     torch.nn.functional.cross_entropy(twin.decoder(out).reshape(-1, 30), targets.reshape(-1)).backward()
     for (name, a), b in zip(lm.named_parameters(), twin.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, msg=name)
+
+
+def test_gate_blocks_are_each_gates_rows_of_the_four_weights_in_every_layer_and_direction():
+    """Against blocks cut by hand: a 2-layer bidirectional GRU (gates r, z, n), an RNN (one block), and the
+    relative update of one shifted block; unnormalized layers (seqnorm's norm=None, torch.nn) have none."""
+    torch.manual_seed(0)
+    gru = seqnorm.GRU(3, 4, num_layers=2, bidirectional=True, norm="layer")
+    norms = seqnorm.gate_norms(gru)
+    assert list(norms) == [f"l{k}{s}.{g}" for k in (0, 1) for s in ("", "_reverse") for g in "rzn"]
+    for k in (0, 1):
+        for s in ("", "_reverse"):
+            w = {n: getattr(gru, f"{n}_l{k}{s}").detach() for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+            for j, g in enumerate("rzn"):
+                rows = slice(4 * j, 4 * j + 4)
+                block = torch.cat([w["weight_ih"][rows], w["weight_hh"][rows], w["bias_ih"][rows, None],
+                                   w["bias_hh"][rows, None]], 1)
+                assert norms[f"l{k}{s}.{g}"] == pytest.approx(torch.linalg.vector_norm(block).item(), rel=1e-6)
+    before = {n: p.detach().clone() for n, p in gru.named_parameters()}
+    with torch.no_grad():
+        gru.bias_hh_l1_reverse[8:12] += 1.0  # n's rows of one bias: only that block moves
+    n_block = torch.cat([before[f"{n}_l1_reverse"][8:12].reshape(4, -1)
+                         for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")], 1)
+    assert seqnorm.largest_gate_update(gru, before) == pytest.approx(2.0 / torch.linalg.vector_norm(n_block).item(),
+                                                                     rel=1e-5)
+    assert list(seqnorm.gate_norms(seqnorm.RNN(3, 4, norm="online"))) == ["l0.a"]
+    for layer in (seqnorm.LSTM(3, 4, norm=None), torch.nn.LSTM(3, 4)):
+        assert seqnorm.gate_norms(layer) == {}
+        assert seqnorm.largest_gate_update(layer, dict(layer.named_parameters())) == 0.0
+
+
+def test_the_robust_start_pages_example_runs():
+    """docs/robust_start.md's loop for your own training, as printed: it trains (the loss falls from log 50 = 3.9)
+    and prints what it says."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "robust_start.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", page, re.S)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, "robust_start.md", "exec"), {})
+    loss, blocks = re.fullmatch(r"loss (\S+), gate blocks (\S+)\n", printed.getvalue()).groups()
+    assert float(loss) < math.log(50) - 0.2 and 0 < float(blocks) < 100
