@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 from .config import AS_WRITTEN, CELLS, NORMS, WARMUPS, TrainConfig
 from .presets import PRESETS, get_preset
@@ -26,6 +27,18 @@ perplexity after each epoch) and, with matplotlib, valid_ppl.png
 (validation perplexity per epoch, one line per run, diverged runs marked).
 With --summarize nothing is trained: the table and plot cover the runs
 already finished in OUT and name the ones that are not."""
+
+
+def _add_run_flags(p, device: bool = True, progress: bool = True) -> None:
+    """The flags every command that runs a model takes: --device, --threads (CPU threads for torch: on a machine
+    shared with other work, --threads 1 is often faster than torch's default of one per core) and --no-progress."""
+    if device:
+        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto, CUDA when torch "
+                       "sees one)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's own choice)")
+    if progress:
+        p.add_argument("--no-progress", action="store_true", help="no progress bars (none either when stderr is "
+                       "not a terminal)")
 
 
 def _add(p, *flags, name, help, show_none=False, **kw):
@@ -47,18 +60,18 @@ def add_train_parser(sub):
                        "checkpoints, files written by rank 0.")
     p.add_argument("--preset", choices=sorted(PRESETS), help="one of the paper's six configurations, or a GRU "
                    "preset (gru-online, gru-layer, gru-none; not in the paper)")
-    p.add_argument("--resume", action="store_true", help="continue exactly from OUT/last.pt if it exists")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly, with its own settings "
+                   "except the flags given anew (an error when --out holds no checkpoint)")
+    _add_run_flags(p, device=False)  # --device is a TrainConfig field: below
     p.add_argument("--force", action="store_true", help="replace a run already in --out (default: refuse; --resume "
                    "continues it)")
     p.add_argument("--tensorboard", metavar="DIR", help="also write the epoch records as TensorBoard scalars into "
                    "DIR (needs the tensorboard package)")
     p.add_argument("--log-interval", type=int, default=None, metavar="N",
                    help="print a line every N steps: step, loss, perplexity, lr, tokens/s (default: one line per epoch)")
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's own choice)")
     p.add_argument("--log-every", type=int, default=None, metavar="N",
-                   help="write one line per N steps to OUT/steps.jsonl: step, segment length, loss before the update, "
-                        "gradient norm, lr, truncation, undone (default: none)")
+                   help="write every N-th step to OUT/steps.jsonl: step, segment length, loss before the update, "
+                        "gradient norm, lr, what the robust start did, gate-block norms (default: none)")
     _add(p, "--data", name="data", help=DATA_HELP)
     _add(p, "--out", name="out", help="output folder for last.pt, best.pt, metrics.jsonl, summary.json")
     _add(p, "--cell", name="cell", choices=CELLS, help="recurrent cell; *-cudnn are torch.nn's layers (norm none)")
@@ -126,8 +139,10 @@ def add_train_parser(sub):
     p.set_defaults(func=cmd_train)
 
 
-def train_config(args) -> TrainConfig:
+def train_config(args, saved: dict | None = None) -> TrainConfig:
+    """The run's settings: the preset's, then (resuming) the run's own ``saved`` ones, then the flags given."""
     values = dict(get_preset(args.preset).train_fields()) if args.preset else {}
+    values.update({k: v for k, v in (saved or {}).items() if k in DEFAULTS})
     given = {k: v for k, v in vars(args).items() if k in DEFAULTS}
     if getattr(args, "as_written", False):
         clash = [f"--{k.replace('_', '-')} {v}" for k, v in given.items() if k in AS_WRITTEN and v != AS_WRITTEN[k]]
@@ -146,7 +161,7 @@ def cmd_train(args) -> int:
     from .train import Trainer
 
     try:
-        trainer = Trainer(train_config(args), resume=args.resume, progress=not args.no_progress,
+        trainer = Trainer(train_config(args, _resumed_config(args)), resume=args.resume, progress=not args.no_progress,
                           log_every=args.log_every, log_interval=args.log_interval, force=args.force,
                           tensorboard=args.tensorboard)
         summary, main = trainer.run(), trainer.ranks.main
@@ -165,6 +180,22 @@ def cmd_train(args) -> int:
     return 130 if summary["status"] == "interrupted" else 0
 
 
+def _resumed_config(args) -> dict | None:
+    """``--resume``: the settings the run in ``--out`` was saved with (what it keeps unless a flag is given); an
+    error when the folder holds no checkpoint, so a mistyped ``--out`` never starts a new run."""
+    if not args.resume:
+        return None
+    from .checkpoint import load_checkpoint
+    from .resume import RESUME_IGNORED
+
+    out = Path(getattr(args, "out", DEFAULTS["out"]))
+    if not (out / "last.pt").exists():
+        raise ValueError(f"--resume: {out} holds no checkpoint (last.pt) to continue; check --out, or leave "
+                         f"--resume out to start a new run there")
+    saved = load_checkpoint(out / "last.pt").get("train_config", {})
+    return {k: v for k, v in saved.items() if k not in RESUME_IGNORED}  # where it ran is this command's to say
+
+
 def add_eval_parser(sub):
     p = sub.add_parser("eval", help="perplexity of a checkpoint on a split (JSON)")
     p.add_argument("--checkpoint", required=True, help="a .pt written by train (best.pt or last.pt)")
@@ -172,9 +203,7 @@ def add_eval_parser(sub):
     p.add_argument("--split", default="valid", choices=("train", "valid", "test"), help="(default: valid)")
     p.add_argument("--batch-size", type=int, default=10, help="evaluation batch size (default: 10)")
     p.add_argument("--bptt", type=int, default=32, help="segment length (default: 32)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto, CUDA when torch sees one)")
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's own choice)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_run_flags(p)
     p.set_defaults(func=cmd_eval)
 
 
@@ -202,8 +231,7 @@ def add_generate_parser(sub):
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default: 1.0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--prompt", default="", help="text to start from; every word must be in the vocabulary")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto, CUDA when torch sees one)")
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's own choice)")
+    _add_run_flags(p, progress=False)
     p.set_defaults(func=cmd_generate)
 
 
@@ -233,9 +261,7 @@ def add_compare_parser(sub):
                    "presets)")
     p.add_argument("--as-written", action="store_true", help="no robust start in any run: the presets exactly as "
                    "the paper printed them (default: the robust start, docs/robust_start.md)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto, CUDA when torch sees one)")
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's own choice)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_run_flags(p)
     p.add_argument("--summarize", action="store_true", help="train nothing: the table and plot of the runs already "
                    "finished (or diverged) in OUT, naming the missing ones (an interim table of a long grid)")
     p.set_defaults(func=cmd_compare)
@@ -259,13 +285,14 @@ def cmd_compare(args) -> int:
         print("interrupted; run the same command again to continue the grid", file=sys.stderr)
         return 130
     print(compare_mod.markdown_table(results["table"], results["missing"]))
-    print(f"wrote {args.out}/results.json and results.md")
-    try:
-        import matplotlib  # noqa: F401
-        print(f"wrote {args.out}/valid_ppl.png")
-    except ImportError:
-        print("matplotlib is not installed, so no plot (pip install 'seqnorm[plot]')")
+    _say_written(args.out, results["plot"])
     return 0
+
+
+def _say_written(out: str, plot: bool) -> None:
+    print(f"wrote {out}/results.json and results.md", file=sys.stderr)
+    print(f"wrote {out}/valid_ppl.png" if plot else
+          "no plot: matplotlib is not installed (pip install 'seqnorm[plot]')", file=sys.stderr)
 
 
 def add_summarize_parser(sub):
@@ -284,7 +311,7 @@ def cmd_summarize(args) -> int:
 
     results = compare_mod.summarize_folders(args.runs, args.out)
     print(compare_mod.markdown_table(results["table"], results["missing"]))
-    print(f"wrote {args.out}/results.json and results.md")
+    _say_written(args.out, results["plot"])
     return 0
 
 
@@ -299,11 +326,16 @@ def add_data_parser(sub):
 
 def cmd_data(args) -> int:
     from .data import resolve_data_dir
-    from .download import download_ptb
+    from .download import PTB_FILES, DownloadError, download_ptb
 
     directory = resolve_data_dir(args.dir)
     kwargs = {"base_url": args.url} if args.url else {}
-    status = download_ptb(directory, progress=not args.no_progress, **kwargs)
+    try:
+        status = download_ptb(directory, progress=not args.no_progress, **kwargs)
+    except DownloadError as err:
+        raise DownloadError(f"{err}. Without network: copy {', '.join(PTB_FILES)} into {directory} (they are "
+                            f"checked by SHA-256), or set $SEQNORM_DATA to a folder holding them; or give --url a "
+                            f"mirror") from err
     for name, what in status.items():
         print(f"{directory / name}: {what} (SHA-256 verified)")
     return 0
@@ -319,13 +351,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _layers_note(args, path: str) -> str:
+    """What runs the recurrent layers: seqnorm's path, or torch.nn's layer for a train run of a torch.nn cell."""
+    if args.command == "train":
+        cell = getattr(args, "cell", None) or (get_preset(args.preset).cell if args.preset else DEFAULTS["cell"])
+        if cell.endswith("-cudnn"):
+            return f"the recurrent layer is torch.nn's ({cell}: torch.nn.{cell.split('-')[0].upper()})"
+    return f"seqnorm layers run {path}"
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)  # --help and argument errors end here, before torch is imported
     from .download import DownloadError
     from seqnorm.backend import describe_path
 
-    from .train import resolve_device
+    from .machine import resolve_device
 
+    if not sys.stderr.isatty():  # a log file, a pipe: no progress bars in it, the epoch lines only
+        args.no_progress = True
     try:
         if getattr(args, "threads", None) is not None:
             if args.threads < 1:
@@ -338,7 +381,7 @@ def main(argv=None) -> int:
             device = resolve_device(named or "auto")  # every subcommand: a clear error before any work
             if named is not None:
                 args.device = str(device)  # "auto" resolved once, for the subcommand's own use
-            print(f"seqnorm-lm {args.command}: device {device}; seqnorm layers run {describe_path(device)}",
+            print(f"seqnorm-lm {args.command}: device {device}; {_layers_note(args, describe_path(device))}",
                   file=sys.stderr)
         return args.func(args)
     except (ValueError, FileNotFoundError, DownloadError, FloatingPointError) as e:  # CheckpointError is a ValueError

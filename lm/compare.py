@@ -64,7 +64,7 @@ def run_grid(out, data=None, cells=("lstm", "rnn"), norms=("online", "layer", "n
     (out / "results.md").write_text(cell_table(runs) + "\n" + paired_table(runs) + "\n"
                                     + markdown_table(results["table"], missing) + "\n" + runs_table(runs) + "\n"
                                     + compute_line(runs))
-    plot_validation(runs, out / "valid_ppl.png")
+    results["plot"] = plot_validation(runs, out / "valid_ppl.png")
     return results
 
 
@@ -185,8 +185,11 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def _retaken(run: dict) -> int:
-    """Steps the robust start retook (undone or retried updates) in a finished run."""
-    return sum(h.get("retries", 0) for h in run["history"] if h["event"] == "epoch")
+    """Updates the robust start undid and retook in a run: every epoch's, and those of the epoch a run stopped in
+    (``--max-steps``: its last record is an "end" record; an earlier one is counted again in its epoch's)."""
+    history = run["history"]
+    ended = history[-1].get("retries", 0) if history and history[-1]["event"] == "end" else 0
+    return ended + sum(h.get("retries", 0) for h in history if h["event"] == "epoch")
 
 
 def _family(run: dict) -> str:
@@ -228,8 +231,8 @@ def markdown_table(table: dict, missing=()) -> str:
         "Epoch time: median training seconds per epoch, evaluation excluded.\n"
         "¹ The paper's median and (min–max) validation perplexity over 25 runs of 25 (LSTM) or 40 (RNN) epochs on "
         "a GPU, in its per-batch measure; a max in the thousands means some of its runs diverged or failed to train.\n"
-        "² Updates the robust start undid or retried and retook with a truncated backward, summed over the finished "
-        "runs; with the default start (undo), 0 means every run is the run as written.\n"
+        "² Updates the robust start undid and retook, summed over the finished runs (each run's metrics.jsonl also "
+        "counts the steps its ceiling and bound acted on).\n"
         + (f"\nNot in the table, not finished yet: {', '.join(missing)}.\n" if missing else ""))
 
 
@@ -357,7 +360,7 @@ def plot_validation(runs: list[dict], path: Path) -> bool:
     except ImportError:
         return False
     cells = list(dict.fromkeys(_family(r) for r in runs))
-    fig, axes = plt.subplots(1, len(cells), figsize=(6 * len(cells), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(cells), figsize=(9 * len(cells), 4.5), squeeze=False)
     colors = {name: f"C{k}" for k, name in enumerate(dict.fromkeys(_series(r) for r in runs))}
     finite = [h["valid_ppl"] for r in runs if r["status"] == "finished" for h in r["history"]]
     top = min(max(finite, default=OFF_SCALE), OFF_SCALE)
@@ -378,7 +381,7 @@ def plot_validation(runs: list[dict], path: Path) -> bool:
         ax.set_xlabel("training step (optimizer updates)")
         ax.set_ylabel("validation perplexity (corpus, log scale)")
         ax.set_yscale("log")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside the curves
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -416,7 +419,7 @@ def summarize_folders(folders, out) -> dict:
     (out / "results.md").write_text(markdown_table(results["table"], unfinished) + "\n" + runs_table(runs) + "\n"
                                     + compute_line(runs)
                                     + "\nRun folders:\n\n" + folders_table + "\n")
-    plot_validation(runs, out / "valid_ppl.png")
+    results["plot"] = plot_validation(runs, out / "valid_ppl.png")
     return results
 
 
@@ -432,8 +435,17 @@ def _group_names(configs: list[dict]) -> dict:
                      and len({json.dumps(c.get(k)) for c in groups.values()}) > 1)
     names = {}
     for key, config in groups.items():
-        preset = next((n for n, p in PRESETS.items() if _group_key(json.loads(json.dumps(asdict(
-            TrainConfig(**p.train_fields()))))) == key), None)
-        detail = ", ".join(f"{k}={config.get(k)}" for k in varying if k not in ("cell", "norm"))
-        names[key] = preset or f"{config['cell']}-{config['norm']}" + (f" ({detail})" if detail else "")
+        preset = next((n for n, p in PRESETS.items() if _sets(config, p.train_fields())), None)
+        if preset:  # named by the preset, and by what it does not leave at the default
+            own, default = PRESETS[preset].train_fields(), json.loads(json.dumps(asdict(TrainConfig())))
+            shown = [k for k in varying if k not in own and json.dumps(config.get(k)) != json.dumps(default.get(k))]
+        else:
+            shown = [k for k in varying if k not in ("cell", "norm")]
+        detail = ", ".join(f"{k}={config.get(k)}" for k in shown)
+        names[key] = (preset or f"{config['cell']}-{config['norm']}") + (f" ({detail})" if detail else "")
     return names
+
+
+def _sets(config: dict, fields: dict) -> bool:
+    """Whether a run's saved config has every one of a preset's settings."""
+    return all(json.dumps(config.get(k)) == json.dumps(v) for k, v in json.loads(json.dumps(fields)).items())

@@ -110,8 +110,10 @@ class WordVocab:
         """Strict encoding for user input: an unknown word is an error, not ``<unk>``."""
         unknown = [w for w in text.split() if w not in self.stoi]
         if unknown:
+            lower = [w for w in unknown if w.lower() in self.stoi]
+            hint = f"; this vocabulary is lower case: {' '.join(w.lower() for w in lower[:5])}" if lower else ""
             raise ValueError(f"unknown word(s) {unknown[:5]} not in the {len(self)}-word vocabulary "
-                             f"(write {UNK} for an unknown word)")
+                             f"(write {UNK} for an unknown word{hint})")
         return [self.stoi[w] for w in text.split()]
 
     def decode(self, ids: list[int]) -> str:

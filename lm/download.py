@@ -67,13 +67,19 @@ def download_ptb(directory: str | os.PathLike, base_url: str = PTB_URL, progress
                  timeout: float = 60.0) -> dict[str, str]:
     """Make sure ``directory`` holds the verified PTB files; returns {file: "present" | "downloaded"}."""
     directory = Path(directory)
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     status = {}
-    for name, (remote, sha256) in PTB_FILES.items():
-        dest = directory / name
-        if dest.is_file() and sha256_of(dest) == sha256:
-            status[name] = "present"
-            continue
-        fetch(base_url.rstrip("/") + "/" + remote, dest, sha256, progress=progress, timeout=timeout)
-        status[name] = "downloaded"
+    try:
+        for name, (remote, sha256) in PTB_FILES.items():
+            dest = directory / name
+            if dest.is_file() and sha256_of(dest) == sha256:
+                status[name] = "present"
+                continue
+            fetch(base_url.rstrip("/") + "/" + remote, dest, sha256, progress=progress, timeout=timeout)
+            status[name] = "downloaded"
+    except BaseException:
+        if created and not any(directory.iterdir()):  # leave no empty folder to copy the files into by mistake
+            directory.rmdir()
+        raise
     return status

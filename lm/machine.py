@@ -1,5 +1,6 @@
-"""What a run's epoch ran on, recorded in its history: the processor (or GPU), the instruction set torch's CPU
-kernels use on it, the threads and the torch build.
+"""The machine of a run: the device a command asks for (``resolve_device``), and what each epoch ran on,
+recorded in its history: the processor (or GPU), the instruction set torch's CPU kernels use on it, the threads
+and the torch build.
 
 A long run may be continued on other machines; its time per epoch means something only next to this. Two CPUs of
 one model name can differ in speed and in a run's last bits (torch's CPU kernels take AVX-512 paths where the
@@ -31,3 +32,20 @@ def describe(device: torch.device) -> str:
     threads = torch.get_num_threads()
     isa = torch.backends.cpu.get_cpu_capability()
     return f"{cpu_model()} ({isa}), {threads} thread{'s' if threads != 1 else ''}, torch {torch.__version__}"
+
+
+def resolve_device(name: str) -> torch.device:
+    """cpu, cuda, cuda:N or auto; a clear ValueError for anything else or a GPU that is not there."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r} is not supported; use cpu, cuda, cuda:N or auto")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} requested but there are {torch.cuda.device_count()} GPUs")
+    return device

@@ -37,7 +37,9 @@ from .checkpoint import (check_model_config, check_vocab, load_checkpoint, model
 from .data import corpus_fingerprint, load_corpus, resolve_data_dir, vocab_from_state
 from .evaluate import evaluate, safe_exp
 from .config import TrainConfig  # noqa: F401  (re-exported)
+from .machine import resolve_device
 from .model import RNNLM, detach_hidden, map_hidden
+from .resume import apply_optimizer_changes, resume_changes
 from .robust_start import RobustStart, Segment, rng_state, set_rng_state
 
 
@@ -47,23 +49,6 @@ class TrainingDiverged(FloatingPointError):
     def __init__(self, message: str, step: int):
         super().__init__(message)
         self.step = step
-
-
-def resolve_device(name: str) -> torch.device:
-    """cpu, cuda, cuda:N or auto; a clear ValueError for anything else or a GPU that is not there."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {name!r} is not supported; use cpu, cuda, cuda:N or auto")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"device {name!r} requested but there are {torch.cuda.device_count()} GPUs")
-    return device
 
 
 @contextlib.contextmanager
@@ -96,8 +81,6 @@ def _summary_writer(folder: str):
 
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "summary.json", "steps.jsonl", "diverged.json")
-RESUME_IGNORED = ("out", "device", "data")  # where a run lies, runs and reads its corpus (checked by SHA-256)
-RESUME_REFUSED = ("seed", "batch_size", "tokenizer", "vocab_size")  # another run; architecture: check_model_config
 
 
 class Trainer:
@@ -185,6 +168,7 @@ class Trainer:
         if not force:
             raise ValueError(f"{self.out} already holds a run ({', '.join(held)}); continue it with --resume, or "
                              f"replace it with --force")
+        self._say(f"--force: replacing the run in {self.out} ({', '.join(held)})")
         if self.ranks.main:
             for name in held:
                 (self.out / name).unlink()
@@ -192,7 +176,8 @@ class Trainer:
     def _restore(self, ckpt: dict, path: Path) -> None:
         check_vocab(ckpt, self.corpus.vocab, path)
         check_model_config(ckpt, self.model_cfg, path)
-        changes = self._resume_changes(ckpt, path)
+        changes = resume_changes(ckpt, self.cfg, self.corpus_sha256, path)
+        said = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
         if "train" not in ckpt:
             raise ValueError(f"checkpoint {path} has no training state to resume from")
         t = ckpt["train"]
@@ -205,7 +190,9 @@ class Trainer:
             load_states(self.model, t["rank_states"][self.ranks.rank])
         self.optimizer.load_state_dict(t["optimizer"])
         self.scheduler.load_state_dict(t["scheduler"])
-        self._apply_optimizer_changes(changes)
+        apply_optimizer_changes(self.optimizer, self.scheduler, self.cfg, changes)
+        self._say(f"resuming {self.out} at epoch {t['epoch'] + 1}, step {t['step']}: "
+                  + (f"applying {said} from here on" if changes else "every setting as saved"))
         self.lengths.load_state_dict(t["lengths"])
         set_rng_state(t["rng"])
         self.epoch, self.pos, self.step = t["epoch"], t["pos"], t["step"]
@@ -216,40 +203,6 @@ class Trainer:
         if self.log_every is not None and self.ranks.main and self.steps_log.exists():  # the lines after the
             records = map(json.loads, self.steps_log.read_text().splitlines())  # checkpoint are retaken
             self._write_json_lines(self.steps_log, [r for r in records if r["step"] < self.step])
-
-    def _resume_changes(self, ckpt: dict, path: Path) -> dict:
-        """The training settings given now that differ from the checkpoint's: {name: (saved, given)}.  Those that
-        would make it another run (``RESUME_REFUSED``, another corpus) are an error; the others apply from here
-        on, and one line says which."""
-        saved = {**asdict(TrainConfig()), **ckpt.get("train_config", {})}
-        given = asdict(self.cfg)
-        changes = {k: (saved[k], given[k]) for k in given if k not in RESUME_IGNORED and saved.get(k) != given[k]}
-        saved_corpus = ckpt.get("corpus_sha256")
-        if saved_corpus is not None and saved_corpus != self.corpus_sha256:
-            raise ValueError(f"checkpoint {path} was trained on another corpus (SHA-256 {saved_corpus[:12]}…, this "
-                             f"data {self.corpus_sha256[:12]}…)")
-        refused = {k: v for k, v in changes.items() if k in RESUME_REFUSED}
-        if refused:
-            said = ", ".join(f"--{k.replace('_', '-')} {b!r} (the run has {a!r})" for k, (a, b) in refused.items())
-            raise ValueError(f"cannot resume {path} with {said}: that would be another run; use another --out")
-        said = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
-        self._say(f"resuming {self.out} at epoch {ckpt['train']['epoch'] + 1}, step {ckpt['train']['step']}: "
-                  + (f"applying {said} from here on" if changes else "every setting as saved"))
-        return changes
-
-    def _apply_optimizer_changes(self, changes: dict) -> None:
-        """A new lr, lr_decay or weight_decay over the restored optimizer and schedule (which carry the saved ones):
-        lr is the base rate, decayed by the epochs already done."""
-        if "weight_decay" in changes:
-            for group in self.optimizer.param_groups:
-                group["weight_decay"] = self.cfg.weight_decay
-        if "lr_decay" in changes:
-            self.scheduler.gamma = self.cfg.lr_decay
-        if "lr" in changes or "lr_decay" in changes:
-            self.scheduler.base_lrs = [self.cfg.lr for _ in self.optimizer.param_groups]
-            for group in self.optimizer.param_groups:
-                group["initial_lr"] = self.cfg.lr
-                group["lr"] = self.cfg.lr * self.cfg.lr_decay ** self.scheduler.last_epoch
 
     def save(self) -> None:
         with self._reconciled() as own:

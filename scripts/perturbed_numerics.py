@@ -75,9 +75,11 @@ def main(argv=None) -> int:
         for name in args.settings:
             junit = Path(tmp) / f"{name}.xml"
             code = run_setting(name, junit, args.pytest_args)
-            if code not in (0, 5) or not junit.exists():  # 5: no test collected (a path without marked tests)
-                failed.append(name)
             by_setting[name] = read_junit(junit) if junit.exists() else {}
+            if code != 0:  # 5: no test collected, also a failure: the setting checked nothing
+                failed.append(f"{name} (pytest exit {code})")
+            if not any(r["outcome"] == "passed" for r in by_setting[name].values()):
+                failed.append(f"{name}: ran no test (all skipped: is PTB there? $SEQNORM_DATA)")
             failed += [f"{name}: {t}" for t, r in by_setting[name].items() if r["outcome"] == "failed"]
     text = table(by_setting)
     print(text)

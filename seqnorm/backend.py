@@ -42,6 +42,12 @@ def cpu_kernels_available() -> bool:
     return cpu_step.available()
 
 
+def _build_error() -> str:
+    from .kernels import cpu_step
+
+    return cpu_step.build_error() or ""
+
+
 def cpu_loop() -> str:
     """How ``backend="cpu"`` runs a layer's time loop here: "native" (one C call per layer direction and pass,
     the per-step products through MKL's sgemm from torch's libtorch_cpu; the BLAS uses torch's intra-op threads)
@@ -74,12 +80,14 @@ def _automatic(device: torch.device, dtype: torch.dtype) -> str:
     if device.type == "cpu" and dtype == torch.float32:
         if cpu_kernels_available():
             return "cpu"
-        _warn_once("no C compiler found: seqnorm layers on CPU run the slower torch path (set $CC)")
+        _warn_once(f"seqnorm layers on CPU run the slower torch path: {_build_error()}")
     return "torch"
 
 
-def describe_path(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
-    """In words, the path ``backend="auto"`` takes for ``dtype`` tensors on ``device`` (for a program's log)."""
+def describe_path(device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
+    """In words, the path ``backend="auto"`` takes for ``dtype`` tensors on ``device`` (a ``torch.device`` or a
+    string such as "cpu"; for a program's log)."""
+    device = torch.device(device)
     backend = os.environ.get(ENV_VAR, "auto")
     if backend == "auto":
         if device.type == "cuda" and dtype in TRITON_DTYPES:
@@ -87,7 +95,7 @@ def describe_path(device: torch.device, dtype: torch.dtype = torch.float32) -> s
                 "the plain-PyTorch path: Triton is not installed (pip install 'seqnorm[triton]' for the fused kernels)")
         if device.type == "cpu" and dtype == torch.float32:
             if not cpu_kernels_available():
-                return "the plain-PyTorch path: the C kernels do not build here (set $CC)"
+                return f"the plain-PyTorch path: {_build_error()}"
             from .kernels import cpu_step
 
             isa = cpu_step.target_isa() or "the compiler's default ISA"

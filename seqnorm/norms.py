@@ -20,8 +20,12 @@ NORM_CHOICES = ("online", "layer", None)
 
 
 def canonical_norm(norm):
-    norm = None if norm == "none" else norm
-    return _checks.check_choice("norm", norm, NORM_CHOICES)
+    """"online", "layer", or None (also spelled "none"); a ValueError that lists them for anything else."""
+    if norm is None or norm == "none":
+        return None
+    if norm not in NORM_CHOICES:
+        raise ValueError(f"norm must be 'online', 'layer', or None (or 'none'), got {norm!r}")
+    return norm
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,11 @@ def truncated_forward(layer: torch.nn.Module, x: torch.Tensor, hx=None, k: int |
         raise ValueError(f"k must be a positive number of time steps, got {k}")
     if getattr(layer, "batch_first", False):
         raise ValueError("truncated_forward takes time-major input; build the layer with batch_first=False")
+    if isinstance(x, torch.nn.utils.rnn.PackedSequence):
+        raise TypeError("truncated_forward takes a padded (T, B, I) tensor, not a PackedSequence")
+    if getattr(layer, "bidirectional", False) and k is not None and k < x.shape[0]:
+        raise ValueError("truncated_forward cannot cut a bidirectional layer: its reverse direction runs from the "
+                         "end of the whole sequence, so chunks would change the output; call the layer itself")
     if k is None or k >= x.shape[0]:
         return layer(x, hx)
     outs = []

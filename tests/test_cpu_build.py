@@ -2,9 +2,11 @@
 for, say what the compiler said when a build fails, refuse a buffer they cannot read, and compute the IEEE result
 where a fast-math build would not (a sigmoid of a very negative input is 0, not NaN)."""
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,7 +51,7 @@ def test_the_isa_is_the_one_asked_for():
 
 
 @needs_cc
-def test_a_build_for_another_isa_computes_the_same_layer():
+def test_a_build_for_another_isa_computes_the_same_layer(tmp_path):
     """Two builds (x86-64-v2: SSE, no FMA; and this machine's default) agree to float32 rounding."""
     code = """
         import torch, seqnorm
@@ -61,10 +63,9 @@ def test_a_build_for_another_isa_computes_the_same_layer():
     """
     grads = []
     for isa in ("x86-64-v2", ""):
-        path = f"/tmp/seqnorm-isa-{os.getpid()}-{isa or 'default'}.pt"
+        path = tmp_path / f"grad-{isa or 'default'}.pt"
         python(code.format(path=path), SEQNORM_CPU_ISA=isa)
         grads.append(torch.load(path))
-        os.remove(path)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-5)
 
 
@@ -108,3 +109,59 @@ def test_gates_saturate_to_the_ieee_result_not_nan(cls):
     want, got = ref(x)[0], fast(x)[0]
     assert got.isfinite().all()
     torch.testing.assert_close(got, want)
+
+
+def _logging_cc(tmp_path, fail_on: str = "") -> Path:
+    """A compiler that logs each call's arguments and runs the real one (failing, like an old GCC, on any
+    argument containing ``fail_on``)."""
+    log, real = tmp_path / "cc.log", shutil.which(os.environ.get("CC", "cc"))
+    script = tmp_path / "logging-cc"
+    check = f'case "$*" in *{fail_on}*) echo "error: unrecognized argument in option {fail_on}" >&2; exit 1;; esac\n'
+    script.write_text(f'#!/bin/sh\necho "$*" >> {log}\n{check if fail_on else ""}exec {real} "$@"\n')
+    script.chmod(0o755)
+    return script
+
+
+BUILD = "from seqnorm.kernels import cpu_step; cpu_step.library(); print(' '.join(cpu_step.build_flags()))"
+
+
+@needs_cc
+def test_a_second_process_loads_the_cached_build_without_compiling(tmp_path):
+    cc = _logging_cc(tmp_path)
+    env = dict(CC=str(cc), SEQNORM_CACHE_DIR=str(tmp_path / "cache"))
+    first = python(BUILD, **env)
+    compiles = lambda: [ln for ln in (tmp_path / "cc.log").read_text().splitlines() if "-shared" in ln]  # noqa: E731
+    assert len(compiles()) >= 1 and len(list((tmp_path / "cache").glob("cpu_kernels-*.so"))) == 1
+    n = len(compiles())
+    assert python(BUILD, **env) == first  # the same flags, read back with the build
+    assert len(compiles()) == n  # loaded, not compiled again
+    assert not list((tmp_path / "cache").glob(".building-*"))  # nothing half-written left behind
+
+
+@needs_cc
+def test_a_compiler_that_does_not_know_the_level_builds_without_march(tmp_path):
+    """GCC before 11 and clang before 12 refuse -march=x86-64-v3: an ISA chosen here is dropped and the build
+    says so; an ISA asked for ($SEQNORM_CPU_ISA) is not, and its failure carries the compiler's message."""
+    cc = _logging_cc(tmp_path, fail_on="-march=")
+    env = dict(CC=str(cc), SEQNORM_CACHE_DIR=str(tmp_path / "cache"))
+    flags = python(BUILD, **env)
+    assert "-march" not in flags and "-O3" in flags
+    code = "from seqnorm.kernels import cpu_step; print(cpu_step.build_error())"
+    said = python(code, **env, SEQNORM_CPU_ISA="x86-64-v2")
+    assert "unrecognized argument in option -march=" in said
+
+
+def test_the_auto_backend_says_why_the_c_kernels_do_not_build(tmp_path):
+    compiler = tmp_path / "broken-cc"
+    compiler.write_text("#!/bin/sh\necho 'cpu_step.c:1: error: something the compiler said' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    code = """
+        import warnings, torch, seqnorm
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            seqnorm.LSTM(4, 5)(torch.randn(2, 1, 4))
+        print(seqnorm.backend.describe_path("cpu"))
+        print(*[str(w.message) for w in caught])
+    """
+    said = python(code, CC=str(compiler), SEQNORM_CACHE_DIR=str(tmp_path / "cache"))
+    assert said.count("something the compiler said") == 2, said

@@ -617,3 +617,16 @@ def test_double_backward_elsewhere_is_a_clear_error(backend):
     x = torch.randn(3, 2, 3, requires_grad=True)
     with pytest.raises(RuntimeError, match="double backward.*backend='torch'"):
         torch.autograd.grad(layer(x)[0].sum(), x, create_graph=True)
+
+
+def test_the_messages_name_what_is_wrong():
+    """A misspelt norm lists the spellings that work ("none" among them); a bad size names the size, not
+    proj_size; describe_path takes a device string as docs/api.md shows."""
+    with pytest.raises(ValueError, match=r"norm must be 'online', 'layer', or None \(or 'none'\), got 'None'"):
+        seqnorm.LSTM(4, 8, norm="None")
+    assert seqnorm.LSTM(4, 8, norm="none").norm_type is None
+    with pytest.raises(ValueError, match="hidden_size must be a positive int, got 0"):
+        seqnorm.RNN(4, 0)
+    with pytest.raises(ValueError, match="hidden_size must be a positive int, got -3"):
+        seqnorm.LSTM(4, -3)
+    assert seqnorm.backend.describe_path("cpu") == seqnorm.backend.describe_path(torch.device("cpu"))

@@ -463,3 +463,12 @@ def test_every_epoch_record_names_the_machine(corpus_dir, tmp_path):
     assert record["machine"] == machine.describe(torch.device("cpu"))
     assert machine.cpu_model() in record["machine"] and f"torch {torch.__version__}" in record["machine"]
     assert f"({torch.backends.cpu.get_cpu_capability()})" in record["machine"]  # AVX2 or AVX512: speed, last bits
+
+
+def test_retaken_counts_a_run_stopped_mid_epoch():
+    """A --max-steps run ends on an "end" record, which holds the retaken updates of its epoch so far; an "end"
+    record that a later epoch record continued is counted in that one (the epoch's sums carry over)."""
+    end, epoch = (lambda n: {"event": "end", "retries": n}), (lambda n: {"event": "epoch", "retries": n})
+    assert compare._retaken({"history": [end(1)]}) == 1
+    assert compare._retaken({"history": [epoch(2), end(1)]}) == 3
+    assert compare._retaken({"history": [end(1), epoch(3)]}) == 3

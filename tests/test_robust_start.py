@@ -280,6 +280,7 @@ def _steps(folder) -> list[dict]:
     return [json.loads(x) for x in (folder / "steps.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.trajectory  # at lr 50 the small model is chaotic: which steps act depends on the last bits
 @pytest.mark.parametrize("halvings", [5, 2])
 def test_the_ceiling_halves_the_previous_update_until_the_loss_is_under_it(corpus_dir, tmp_path, halvings):
     """At lr 50 the small model's first update takes step 1's loss far above log(V) + 0.05 (undo's own check is
@@ -313,6 +314,7 @@ def test_the_ceiling_halves_the_previous_update_until_the_loss_is_under_it(corpu
     assert tried == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.trajectory  # at lr 50 the small model is chaotic: which steps act depends on the last bits
 @pytest.mark.parametrize("seed,halvings", [(3, 1), (0, 2)])
 def test_when_no_halving_gets_under_the_ceiling_the_step_starts_from_the_lowest_loss_tried(corpus_dir, tmp_path,
                                                                                           seed, halvings):
@@ -333,6 +335,7 @@ def test_when_no_halving_gets_under_the_ceiling_the_step_starts_from_the_lowest_
 BOUND_KW = dict(lr=50.0, undo_factor=1e30, max_gate_update=None, ceiling=None, max_steps=40)  # the bound alone
 
 
+@pytest.mark.trajectory  # at lr 50 the small model is chaotic: which steps act depends on the last bits
 def test_the_bound_keeps_every_warmup_loss_under_log_v_plus_2(corpus_dir, tmp_path):
     """At lr 50 with undo's check and the ceiling off, the small model's warm-up trains at losses far above
     log(V) + 2 (mutation: without the bound); with the default bound no logged loss of the warm-up reaches it,
@@ -352,6 +355,7 @@ def test_the_bound_keeps_every_warmup_loss_under_log_v_plus_2(corpus_dir, tmp_pa
     assert after.start.origin is None and not after.start.recent  # past the warm-up no earlier weights are kept
 
 
+@pytest.mark.trajectory  # at lr 50 the small model is chaotic: which steps act depends on the last bits
 def test_a_walked_back_step_trains_from_the_weights_it_names(corpus_dir, tmp_path):
     """Seed 0 at lr 50: steps 3 and 20 go back to the start of step 0, step 3 through the steps it keeps, step 20
     through the run's first weights.  Reference: the weights the model was built with, and the statistics and

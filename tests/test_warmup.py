@@ -101,3 +101,18 @@ def test_the_robust_start_pages_example_runs():
         exec(compile(code, "robust_start.md", "exec"), {})
     loss, blocks = re.fullmatch(r"loss (\S+), gate blocks (\S+)\n", printed.getvalue()).groups()
     assert float(loss) < math.log(50) - 0.2 and 0 < float(blocks) < 100
+
+
+@pytest.mark.parametrize("layer", [seqnorm.LSTM(3, 4, bidirectional=True, norm="layer"),
+                                   torch.nn.LSTM(3, 4, bidirectional=True)])
+def test_truncated_forward_refuses_what_it_cannot_cut_exactly(layer):
+    """A bidirectional layer's reverse direction starts at the end of the whole sequence: chunks would change the
+    output (by 0.3 measured), so that is an error; so is a PackedSequence.  Uncut (k=None, or k at least the
+    length) it is the plain call."""
+    x = torch.randn(6, 2, 3)
+    with pytest.raises(ValueError, match="bidirectional"):
+        seqnorm.truncated_forward(layer, x, k=2)
+    torch.testing.assert_close(seqnorm.truncated_forward(layer.eval(), x, k=6)[0], layer(x)[0])
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, [6, 4])
+    with pytest.raises(TypeError, match="PackedSequence"):
+        seqnorm.truncated_forward(layer, packed, k=2)

@@ -2,11 +2,17 @@
 ``cpu_sequence.c`` (the whole time loop of a layer direction, one call per pass).
 
 The C files have no dependency beyond libm.  They are compiled with the system
-C compiler (``$CC``, default ``cc``) at first use into a per-process temporary
-folder, removed once the library is loaded (a fraction of a second), and called
-through ctypes with the tensors' data pointers; every pointer is checked first
-(a CPU, contiguous tensor of the kernel's dtype), so a wrong buffer raises
-instead of being read.
+C compiler (``$CC``, default ``cc``) at first use and cached: the library is
+kept in ``$SEQNORM_CACHE_DIR`` (default ``$XDG_CACHE_HOME/seqnorm``, else
+``~/.cache/seqnorm``) under a name hashed from the sources, the flags and the
+compiler's version, written by an atomic rename (two processes building at once
+both succeed), so later processes load it without compiling.  Where that folder
+cannot be written, the build goes to a temporary folder, removed once loaded.
+The kernels are called through ctypes with the tensors' data pointers; every
+pointer is checked first to be a CPU, contiguous tensor of the kernel's dtype
+(a tensor of another kind raises instead of being read).  Sizes are not checked
+here: these are internal entry points, and ``recurrence.py`` allocates every
+buffer from the layer's own shapes.
 
 The build owns only seqnorm's numerics.  There is no ``-ffast-math``: with GCC it
 links ``crtfastmath.o``, which turns on flush-to-zero for the whole process as
@@ -16,9 +22,14 @@ flags taken instead (``CFLAGS``) only drop ``errno`` and trap semantics, and the
 feature sums are vectorized by ``#pragma omp simd``.  The target ISA is fixed,
 not ``-march=native``, so that an Intel and an AMD machine run the same
 instructions and get the same bits: ``x86-64-v3`` (AVX2, FMA) where the CPU has
-it, else ``x86-64-v2``, else the compiler's default; ``$SEQNORM_CPU_ISA``
+it, else ``x86-64-v2``, else the compiler's default (also when the compiler does
+not know the level: GCC before 11, clang before 12); ``$SEQNORM_CPU_ISA``
 overrides it (any ``-march`` value, ``native`` included, or ``default`` for no
-``-march``), read once per process.  ``build_flags()`` says what was used.
+``-march``), read once per process.  FP contraction is pinned
+(``-ffp-contract=fast``, GCC's default, which clang's is not).  OpenMP (the
+LSTM's gates on threads) only with GCC, whose libgomp is the one torch has
+loaded; clang's ``-fopenmp`` would load a second runtime.  ``build_flags()``
+says what was used.
 
 The time loop needs a BLAS for its per-step products: MKL's ``sgemm_`` (and
 its packed-GEMM entry points, where present) as exported by torch's own
@@ -27,9 +38,11 @@ dependency.  Where torch has no such symbol (another platform or BLAS), the
 loop runs in Python over the per-step kernels instead (``recurrence.py``);
 ``seqnorm.backend.cpu_loop()`` says which.
 """
+import atexit
 import contextlib
 import ctypes
 import functools
+import hashlib
 import os
 import platform
 import shutil
@@ -43,8 +56,10 @@ from .constants import ECM_CODES, NORM_CODES, decay_floor
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "cpu_step.c", HERE / "cpu_sequence.c")
-CFLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-fPIC", "-shared", f"-I{HERE}")
+CFLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared",
+          f"-I{HERE}")
 ISA_ENV = "SEQNORM_CPU_ISA"
+CACHE_ENV = "SEQNORM_CACHE_DIR"
 X86_LEVELS = (  # (-march level, the /proc/cpuinfo flags it needs), best first
     ("x86-64-v3", {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "xsave", "abm"}),
     ("x86-64-v2", {"cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3"}),
@@ -115,17 +130,13 @@ def blas_symbols() -> tuple | None:
 
 @functools.cache
 def library() -> ctypes.CDLL:
-    """The compiled kernels (built once per process); BuildError carries the compiler's own message."""
-    folder = tempfile.mkdtemp(prefix="seqnorm-cpu-step-")
-    target = os.path.join(folder, "cpu_step.so")
+    """The compiled kernels (built or loaded from the cache once per process); BuildError carries the compiler's
+    own message."""
     try:
-        _compile(target)
-        lib = ctypes.CDLL(target)
+        lib = ctypes.CDLL(str(_cached_build()))
     except OSError as err:
         raise BuildError(f"backend='cpu' could not build or load its C kernels ({' '.join(build_flags())}): {err}. "
                          f"Set $CC to a C compiler, or use backend='torch'") from err
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)  # a loaded library stays mapped; nothing is left in /tmp
     for name in ("lstm_forward_step", "rnn_forward_step", "gru_forward_step", "lstm_backward_step",
                  "rnn_backward_step", "gru_backward_step"):
         getattr(lib, name).restype = None
@@ -134,6 +145,57 @@ def library() -> ctypes.CDLL:
     if symbols is not None:
         lib.set_sgemm(*(ctypes.c_void_p(a) for a in symbols))
     return lib
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: ``$SEQNORM_CACHE_DIR``, else ``$XDG_CACHE_HOME/seqnorm``, else
+    ``~/.cache/seqnorm``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "seqnorm"
+
+
+def _cached_build() -> Path:
+    """The library file: from the cache when one with the same sources, flags and compiler is there, else built
+    into it (atomic rename; the flags used beside it); where the cache cannot be written, built in a temporary
+    folder removed at exit."""
+    wanted = _wanted_flags()
+    key = hashlib.sha256(repr((wanted, _compiler_version(wanted[0]))).encode())
+    for source in sorted((*SOURCES, *HERE.glob("*.h"))):
+        key.update(source.read_bytes())
+    target = cache_dir() / f"cpu_kernels-{key.hexdigest()[:20]}.so"
+    used = target.with_suffix(".flags")
+    if target.is_file() and used.is_file():
+        _built[tuple(wanted)] = used.read_text().split("\n")
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(dir=target.parent, prefix=".building-", suffix=".so")
+        os.close(fd)
+    except OSError:  # the cache cannot be written here: a build of this process's own
+        folder = tempfile.mkdtemp(prefix="seqnorm-cpu-step-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        _compile(os.path.join(folder, "cpu_step.so"))
+        return Path(folder) / "cpu_step.so"
+    try:
+        _compile(partial)
+        Path(partial).with_suffix(".flags").write_text("\n".join(_built[tuple(wanted)]))
+        os.replace(Path(partial).with_suffix(".flags"), used)
+        os.replace(partial, target)  # atomic: another process sees the whole file or none
+    finally:
+        Path(partial).unlink(missing_ok=True)
+        Path(partial).with_suffix(".flags").unlink(missing_ok=True)
+    return target
+
+
+@functools.cache
+def _compiler_version(cc: str) -> str:
+    """The compiler's ``--version`` text (part of the cache key; empty when it does not answer)."""
+    try:
+        run = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return run.stdout
 
 
 @functools.cache
@@ -153,34 +215,58 @@ def target_isa() -> str | None:
     return next((level for level, needs in X86_LEVELS if needs <= flags), None)
 
 
+_built: dict = {}  # {the flags a build tries first: those it used}, for the builds this process made or loaded
+
+
 def build_flags() -> list[str]:
-    """The compiler and flags the kernels are built with (without OpenMP, added where the compiler has it)."""
+    """The compiler and flags the kernels are built with: those of the build made, once there is one (without
+    ``-march`` where the compiler did not know the level chosen), else those a build would try first."""
+    wanted = _wanted_flags()
+    return list(_built.get(tuple(wanted), wanted))
+
+
+def _wanted_flags() -> list[str]:
     isa = target_isa()
     return [os.environ.get("CC", "cc"), *CFLAGS, *([f"-march={isa}"] if isa else [])]
 
 
 def _compile(target: str) -> None:
-    """With OpenMP where the compiler has it (its libgomp is the one torch has loaded: same soname), else
-    without (one thread per step).  OSError (BuildError's cause) with the compiler's message when both fail."""
-    command = [*build_flags(), *map(str, SOURCES), "-o", target, "-lm"]
-    try:
-        first = subprocess.run([*command, "-fopenmp"], capture_output=True, text=True)
-        if first.returncode != 0:
-            second = subprocess.run(command, capture_output=True, text=True)
-            if second.returncode != 0:
-                raise OSError(f"{command[0]} exited with status {second.returncode}:\n{second.stderr.strip()}")
-    except FileNotFoundError as err:
-        raise OSError(f"no C compiler {command[0]!r} found") from err
+    """Try the flags, OpenMP first where the compiler is GCC (its libgomp is the one torch has loaded), and,
+    where the ISA level was chosen here rather than asked for, without ``-march`` when the compiler does not
+    know it.  OSError (BuildError's cause) with the compiler's message when every try fails."""
+    flags = _wanted_flags()
+    tries = [flags]
+    if target_isa() and not os.environ.get(ISA_ENV, "").strip():
+        tries.append([f for f in flags if not f.startswith("-march=")])
+    openmp = "clang" not in _compiler_version(flags[0]).lower()
+    errors = []
+    for base in tries:
+        for extra in (["-fopenmp"], []) if openmp else ([],):
+            command = [*base, *map(str, SOURCES), "-o", target, "-lm", *extra]
+            try:
+                run = subprocess.run(command, capture_output=True, text=True)
+            except FileNotFoundError as err:
+                raise OSError(f"no C compiler {command[0]!r} found") from err
+            if run.returncode == 0:
+                _built[tuple(flags)] = [*base, *extra]
+                return
+            errors.append(f"{command[0]} exited with status {run.returncode}:\n{run.stderr.strip()}")
+    raise OSError(errors[-1] if len(tries) == 1 else "\n".join(dict.fromkeys(errors)))
 
 
 @functools.cache
-def available() -> bool:
-    """Whether the kernels build here; asked once per process (a failed build is not retried on each call)."""
+def build_error() -> str | None:
+    """Why the kernels do not build here (the compiler's message), or None when they do; asked once per process."""
     try:
         library()
-    except BuildError:
-        return False
-    return True
+    except BuildError as err:
+        return str(err)
+    return None
+
+
+def available() -> bool:
+    """Whether the kernels build here (a failed build is not retried on each call)."""
+    return build_error() is None
 
 
 def _ptr(tensor, dtype=torch.float32):
