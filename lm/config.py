@@ -84,7 +84,7 @@ class TrainConfig:
     warmup_steps: int = 300
     warmup_from: int = 32  # the truncation of a retaken step, and the warm-up's first K
     undo_factor: float = 100.0  # a warm-up update that multiplies its segment's perplexity by more is undone
-    max_gate_update: float | None = 4.0  # ... and one that moves a normalized gate block by more than this x its norm
+    max_gate_update: float | None = 2.0  # ... and one that moves a normalized gate block by more than this x its norm
     ceiling: float | None = 1.0  # nats above log(V) a warm-up step's loss may reach before the last update is halved
     warmup_halvings: int = 5  # how often the ceiling may halve the previous update, and a damaging retake be halved
     bound: float | None = 2.0  # nats above log(V) no warm-up step trains at (earlier weights are taken instead)
