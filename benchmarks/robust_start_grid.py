@@ -44,9 +44,12 @@ def run(args) -> None:
         cfg = TrainConfig(**{**get_preset(preset).train_fields(), "data": args.data, "seed": seed,
                              "max_steps": args.steps, "out": str(out)})
         try:
-            Trainer(cfg, progress=False, log_every=1, force=True).run()
+            summary = Trainer(cfg, progress=False, log_every=1, force=True).run()
         except TrainingDiverged as err:
             (out / "diverged.json").write_text(json.dumps({"error": str(err), "step": err.step}) + "\n")
+            continue
+        if summary["status"] == "interrupted":  # Ctrl-C or SIGTERM: stop here, not only this run (rerun: again)
+            return
 
 
 def describe(out: Path) -> dict:
