@@ -53,14 +53,31 @@ def run(args) -> None:
 
 
 def describe(out: Path) -> dict:
-    """One run's row: first segment, what fired, largest first-layer gate block at the end, peak loss."""
+    """One run's row: first segment, what fired, largest first-layer gate block at the end, peak loss; read from
+    its steps.jsonl and kept in OUT/<run>/start.json (the file the table is made from where the log is gone)."""
+    digest = out / "start.json"
+    if not (out / "steps.jsonl").exists():
+        return json.loads(digest.read_text())
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
-    fired = [f"{r['step']}: {r['undone']}" for r in steps if r["undone"] != "as written"]
-    fired += [f"{r['step']}: pulled back" for r in steps if "pulled_back" in r]
-    fired += [f"{r['step']}: walked back" for r in steps if "walked_back" in r]
-    return {"segment": steps[0]["segment"], "fired": fired, "block": max(steps[-1]["gates"].values()),
-            "peak": max(r["loss"] for r in steps), "diverged": (out / "diverged.json").exists(),
-            "undone": sum(r["undone"] != "as written" for r in steps)}
+    fired = sorted([(r["step"], r["undone"]) for r in steps if r["undone"] != "as written"]
+                   + [(r["step"], "pulled back") for r in steps if "pulled_back" in r]
+                   + [(r["step"], "walked back") for r in steps if "walked_back" in r])
+    row = {"segment": steps[0]["segment"], "fired": [f"{step}: {what}" for step, what in fired],
+           "block": max(steps[-1]["gates"].values()), "peak": max(r["loss"] for r in steps),
+           "diverged": (out / "diverged.json").exists(), "steps": len(steps)}
+    digest.write_text(json.dumps(row, indent=1) + "\n")
+    return row
+
+
+def _fired(events: list[str]) -> str:
+    """"undone at 0 (retaken), 16 (halved 1x); ceiling 3x; bound 1x", or "nothing"."""
+    undone = [e.replace(": ", " (") + ")" for e in events if not e.endswith(("pulled back", "walked back"))]
+    said = [f"undone at {', '.join(undone[:4])}{', …' if len(undone) > 4 else ''}" + (
+        f" ({len(undone)} in all)" if len(undone) > 4 else "")] if undone else []
+    for what, name in (("pulled back", "ceiling"), ("walked back", "bound")):
+        n = sum(e.endswith(what) for e in events)
+        said += [f"{name} {n}x"] if n else []
+    return "; ".join(said) or "nothing"
 
 
 def summarize(args) -> str:
@@ -69,14 +86,13 @@ def summarize(args) -> str:
              "/ median | peak loss |", "|---|---|---|---|---|---|---|"]
     verdicts = []
     for preset in args.presets:
-        rows = {s: describe(Path(args.out) / f"{preset}-seed{s}") for s in args.seeds
-                if (Path(args.out) / f"{preset}-seed{s}" / "steps.jsonl").exists()}
+        folders = {s: Path(args.out) / f"{preset}-seed{s}" for s in args.seeds}
+        rows = {s: describe(d) for s, d in folders.items() if (d / "steps.jsonl").exists() or (d / "start.json").exists()}
         if not rows:
             continue
         median = statistics.median(r["block"] for r in rows.values())
         for seed, r in rows.items():
-            fired = ", ".join(r["fired"][:3]) + (f", … ({len(r['fired'])} in all)" if len(r["fired"]) > 3 else "")
-            lines.append(f"| {preset} | {seed} | {r['segment']} | {fired or 'nothing'}"
+            lines.append(f"| {preset} | {seed} | {r['segment']} | {_fired(r['fired'])}"
                          f"{' **diverged**' if r['diverged'] else ''} | {r['block']:.1f} | "
                          f"{r['block'] / median:.2f} | {r['peak']:.2f} |")
         worst = max(r["block"] / median for r in rows.values())

@@ -320,10 +320,10 @@ def test_the_ceiling_halves_the_previous_update_until_the_loss_is_under_it(corpu
 def test_when_no_halving_gets_under_the_ceiling_the_step_starts_from_the_lowest_loss_tried(corpus_dir, tmp_path,
                                                                                           seed, halvings):
     """A halving can raise the loss (the previous update may have helped this segment): at lr 50 on these seeds it
-    does within 6 steps (measured).  When none gets under the ceiling, the segment is forwarded once more from the
+    does within 6 steps (measured; 15 are run for a margin under other last bits).  When none gets under the ceiling, the segment is forwarded once more from the
     point with the lowest loss, which must give exactly that loss (the same weights, statistics and hidden state).
     The bound is off: at lr 50 it walks such steps back further."""
-    kw = dict(lr=50.0, undo_factor=1e30, max_gate_update=None, ceiling=0.05, warmup_halvings=halvings, max_steps=6,
+    kw = dict(lr=50.0, undo_factor=1e30, max_gate_update=None, ceiling=0.05, warmup_halvings=halvings, max_steps=15,
               seed=seed, bound=None)
     Trainer(small(corpus_dir, tmp_path / "c", **kw), progress=False, log_every=1).run()
     fallbacks = [r for r in _steps(tmp_path / "c") if len(r.get("pulled_back", ())) == halvings + 2]
