@@ -45,7 +45,7 @@ def cpu_kernels_available() -> bool:
 def _build_error() -> str:
     from .kernels import cpu_step
 
-    return cpu_step.build_error() or ""
+    return cpu_step.build_error() or "the C kernels are not available (set $CC to a C compiler)"
 
 
 def cpu_loop() -> str:
