@@ -52,6 +52,12 @@ def run(args) -> None:
             return
 
 
+def _finished(out: Path) -> bool:
+    """A run that ended (its summary, or its divergence, written) and has its steps (the log or its digest)."""
+    ended = (out / "summary.json").exists() or (out / "diverged.json").exists() or (out / "start.json").exists()
+    return ended and ((out / "steps.jsonl").exists() or (out / "start.json").exists())
+
+
 def describe(out: Path) -> dict:
     """One run's row: first segment, what fired, largest first-layer gate block at the end, peak loss; read from
     its steps.jsonl and kept in OUT/<run>/start.json (the file the table is made from where the log is gone)."""
@@ -87,7 +93,7 @@ def summarize(args) -> str:
     verdicts = []
     for preset in args.presets:
         folders = {s: Path(args.out) / f"{preset}-seed{s}" for s in args.seeds}
-        rows = {s: describe(d) for s, d in folders.items() if (d / "steps.jsonl").exists() or (d / "start.json").exists()}
+        rows = {s: describe(d) for s, d in folders.items() if _finished(d)}
         if not rows:
             continue
         median = statistics.median(r["block"] for r in rows.values())

@@ -7,9 +7,8 @@ the run away.  The damage shows in one of two places:
 - the loss (online norm): the update multiplies its own segment's perplexity by 100 or more;
 - only the weights (layer norm): a normalized gate is scale-invariant, so the update leaves the loss flat but
   inflates the gate's block of weights (``seqnorm.warmup.gate_blocks``) by sqrt(1 + r^2), r = ||dW|| / ||W||,
-  and the gate's effective learning rate falls as lr / ||W||^2 for good.  An exploding update has r of 2.4
-  to 2,200 on its largest block; the other updates of the first 300 steps stay at 2 or below, and after the
-  first few dozen steps below 0.3 (docs/robust_start.md).
+  and the gate's effective learning rate falls as lr / ||W||^2 for good.  An update on an exploding segment
+  has r of 2.2 to 2,200 on its largest block, most other updates stay below 1 (docs/robust_start.md).
 
 The rule, with ``warmup="undo"`` (the default), on each of the first ``warmup_steps`` steps:
 

@@ -93,9 +93,8 @@ def gate_norms(layer: torch.nn.Module) -> dict[str, float]:
 def largest_gate_update(layer: torch.nn.Module, before: dict) -> float:
     """The largest relative update ||W - W_before|| / ||W_before|| over the layer's normalized gate blocks, with
     ``before`` its parameters by name as they were (``{n: p.detach().clone() for n, p in
-    layer.named_parameters()}``); 0.0 for an unnormalized layer.  An update of a healthy run is at 2 or
-    below (after its first few dozen steps, below 0.3); the explosion at initialization gives 2.4 to 2,200
-    (docs/robust_start.md)."""
+    layer.named_parameters()}``); 0.0 for an unnormalized layer.  Most updates of a run are below 1; an update
+    on a segment whose gradient explodes through time gives 2.2 to 2,200 (docs/robust_start.md)."""
     old, new = gate_blocks(layer, before), gate_blocks(layer)
     if not old:
         return 0.0
