@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 import torch
 
-from seqnorm.warmup import gate_blocks, truncation_schedule
+from seqnorm.warmup import gate_blocks, largest_gate_update, truncation_schedule
 
 RECENT_STARTS = 4  # the bound: how many earlier warm-up steps' starting weights are kept to walk back to
 PEAK_STEPS = 300  # every run records the largest per-step training loss of its first PEAK_STEPS steps
@@ -140,12 +140,8 @@ class RobustStart:
     def gate_update(self, start: list[torch.Tensor]) -> float:
         """The largest ||W - W_start|| / ||W_start|| over the normalized gate blocks (``start``: the model's
         parameters in ``model.parameters()`` order); 0.0 when the model has none."""
-        moved = [0.0]
-        for layer, index in self.layers:
-            old = gate_blocks(layer, {n: start[i] for n, i in index.items()})
-            new = gate_blocks(layer)
-            moved += [float(torch.linalg.vector_norm(new[g] - w) / torch.linalg.vector_norm(w)) for g, w in old.items()]
-        return max(moved, key=lambda r: r if math.isfinite(r) else math.inf)
+        moved = [largest_gate_update(layer, {n: start[i] for n, i in index.items()}) for layer, index in self.layers]
+        return max(moved, default=0.0)
 
     def _undo(self, step: int, seg: Segment, before: dict, value: float, norm: float) -> tuple[float, str]:
         """The update just taken did damage: retake it with the backward truncated at ``warmup_from`` (a segment
