@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .checkpoint import load_checkpoint
 from .config import RETIRED
-from .data import corpus_fingerprint, resolve_data_dir
+from .data import PTB_FINGERPRINT, corpus_fingerprint, resolve_data_dir
 from .presets import PRESETS, preset_name
 from .train import TrainConfig, TrainingDiverged, train
 
@@ -90,11 +90,13 @@ def _differences(saved: dict, cfg: TrainConfig, saved_corpus: str | None = None)
 
 def _same_corpus(saved_data: str, saved_corpus: str | None, wanted_data: str) -> bool:
     """The same folder, or corpus files with the same SHA-256: the one recorded with the run, else read from
-    its folder if this machine has it; so a run recorded on another machine is read back here."""
+    its folder if this machine has it; so a run recorded on another machine is read back here.  A wanted
+    folder this machine lacks stands for the presets' corpus, the verified PTB (known by its shipped
+    SHA-256s): reading committed PTB runs back needs no copy of PTB."""
     if saved_data == wanted_data:
         return True
-    wanted = _fingerprint(wanted_data)
-    return wanted is not None and wanted == (saved_corpus or _fingerprint(saved_data))
+    wanted = _fingerprint(wanted_data) or PTB_FINGERPRINT
+    return wanted == (saved_corpus or _fingerprint(saved_data))
 
 
 def _fingerprint(directory: str) -> str | None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .download import sha256_of
+from .download import PTB_FILES, sha256_of
 
 SPLITS = ("train", "valid", "test")
 EOS, UNK = "<eos>", "<unk>"
@@ -53,8 +53,14 @@ def split_paths(directory: str | os.PathLike) -> dict[str, Path]:
 def corpus_fingerprint(directory: str | os.PathLike) -> str:
     """SHA-256 of the train, valid and test files' own SHA-256s, in that order: the corpus's identity
     wherever its folder lies, so that a run recorded on one machine is recognized on another."""
-    digests = b"".join(bytes.fromhex(sha256_of(path)) for path in split_paths(directory).values())
-    return hashlib.sha256(digests).hexdigest()
+    return _fingerprint_of(sha256_of(path) for path in split_paths(directory).values())
+
+
+def _fingerprint_of(file_digests) -> str:
+    return hashlib.sha256(b"".join(bytes.fromhex(d) for d in file_digests)).hexdigest()
+
+
+PTB_FINGERPRINT = _fingerprint_of(PTB_FILES[f"{split}.txt"][1] for split in SPLITS)  # the verified PTB's
 
 
 def read_lines(path: Path) -> list[str]:

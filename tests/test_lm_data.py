@@ -10,7 +10,9 @@ import torch
 
 from lm import download
 from lm.batching import SegmentLengths, batchify, segments
-from lm.data import EOS, UNK, WordVocab, load_corpus, resolve_data_dir, split_paths
+from lm.compare import _same_corpus
+from lm.data import (EOS, PTB_FINGERPRINT, UNK, WordVocab, corpus_fingerprint, load_corpus, resolve_data_dir,
+                     split_paths)
 import lm_helpers
 from lm_helpers import REPO, locate_ptb, ptb_digests, ptb_dir, write_corpus
 
@@ -211,3 +213,17 @@ def test_download_server_error(served, tmp_path):
     with _Server(served, fail=True) as server, pytest.raises(download.DownloadError, match="500"):
         download.download_ptb(tmp_path / "ptb", server.url, progress=False)
     assert not (tmp_path / "ptb").exists()  # the folder it made is not left behind empty
+
+
+def test_a_corpus_folder_absent_here_stands_for_the_verified_ptb(tmp_path):
+    """Reading runs back without their corpus: a run recorded on PTB matches a folder this machine lacks, a run
+    on another corpus does not."""
+    other = corpus_fingerprint(write_corpus(tmp_path / "toy"))
+    missing = str(tmp_path / "no-corpus-here")
+    assert _same_corpus("/elsewhere/ptb", PTB_FINGERPRINT, missing)
+    assert not _same_corpus("/elsewhere/toy", other, missing)
+    assert not _same_corpus("/elsewhere/toy", PTB_FINGERPRINT, str(tmp_path / "toy"))
+
+
+def test_the_shipped_ptb_fingerprint_is_the_one_its_files_give():
+    assert corpus_fingerprint(ptb_dir()) == PTB_FINGERPRINT
