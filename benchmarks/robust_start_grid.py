@@ -12,7 +12,8 @@ whether every run's largest block is within ``2x`` the preset's median and every
     wait; python benchmarks/robust_start_grid.py --out runs/grid --summarize
 
 Under another CPU's last bits: the same with ``MKL_CBWR=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 SEQNORM_CPU_ISA=x86-64-v2``
-in the environment (``scripts/perturbed_numerics.py``'s other-cpu setting) and another ``--out``.
+in the environment (``scripts/perturbed_numerics.py``'s other-cpu setting) and another ``--out``; then
+``--summarize --against runs/grid`` compares each run's block with its preset's median under default numerics.
 """
 from __future__ import annotations
 
@@ -86,24 +87,30 @@ def _fired(events: list[str]) -> str:
     return "; ".join(said) or "nothing"
 
 
+def _rows(out: Path, preset: str, seeds) -> dict:
+    folders = {s: out / f"{preset}-seed{s}" for s in seeds}
+    return {s: describe(d) for s, d in folders.items() if _finished(d)}
+
+
 def summarize(args) -> str:
     limit = math.log(VOCAB) + 2
     lines = ["| preset | seed | first segment | what the start did (step: outcome) | largest block | "
              "/ median | peak loss |", "|---|---|---|---|---|---|---|"]
     verdicts = []
     for preset in args.presets:
-        folders = {s: Path(args.out) / f"{preset}-seed{s}" for s in args.seeds}
-        rows = {s: describe(d) for s, d in folders.items() if _finished(d)}
+        rows = _rows(Path(args.out), preset, args.seeds)
         if not rows:
             continue
-        median = statistics.median(r["block"] for r in rows.values())
+        reference = _rows(Path(args.against or args.out), preset, args.seeds)
+        median = statistics.median(r["block"] for r in reference.values())
         for seed, r in rows.items():
             lines.append(f"| {preset} | {seed} | {r['segment']} | {_fired(r['fired'])}"
                          f"{' **diverged**' if r['diverged'] else ''} | {r['block']:.1f} | "
                          f"{r['block'] / median:.2f} | {r['peak']:.2f} |")
         worst = max(r["block"] / median for r in rows.values())
         ok = worst <= 2 and all(r["peak"] < limit and not r["diverged"] for r in rows.values())
-        verdicts.append(f"- {preset}: largest block within {worst:.2f}x the median of {len(rows)} seeds, peak "
+        of = f"{len(rows)} seeds" if not args.against else f"the seeds in {args.against}"
+        verdicts.append(f"- {preset}: largest block within {worst:.2f}x the median of {of}, peak "
                         f"{max(r['peak'] for r in rows.values()):.2f} (log(V) + 2 = {limit:.2f}): "
                         f"{'holds' if ok else '**does not hold**'}")
     return "\n".join(lines) + "\n\n" + "\n".join(verdicts) + "\n"
@@ -119,6 +126,8 @@ def main(argv=None) -> None:
     parser.add_argument("--worker", default="0/1", help="K/N: run every N-th job starting at K")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--summarize", action="store_true", help="write OUT/table.md from the finished runs")
+    parser.add_argument("--against", metavar="DIR", help="with --summarize: each preset's median block from the "
+                        "runs in DIR (e.g. the default numerics' grid) instead of OUT's")
     args = parser.parse_args(argv)
     if args.summarize:
         text = summarize(args)
