@@ -102,6 +102,8 @@ def summarize(args) -> str:
         if not rows:
             continue
         reference = _rows(Path(args.against or args.out), preset, args.seeds)
+        if not reference:
+            raise SystemExit(f"--against {args.against}: no finished run of {preset} for seeds {args.seeds}")
         median = statistics.median(r["block"] for r in reference.values())
         for seed, r in rows.items():
             lines.append(f"| {preset} | {seed} | {r['segment']} | {_fired(r['fired'])}"
