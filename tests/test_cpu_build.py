@@ -83,6 +83,21 @@ def test_a_failed_build_carries_the_compilers_message(tmp_path, monkeypatch):
 
 
 @needs_cc
+def test_a_failed_build_under_an_isa_asked_for_names_that_setting(tmp_path):
+    code = "from seqnorm.kernels import cpu_step; print(cpu_step.build_error())"
+    said = python(code, SEQNORM_CPU_ISA="no-such-level", SEQNORM_CACHE_DIR=str(tmp_path / "cache"))
+    assert "no-such-level" in said.split(": ", 1)[1]  # the compiler's own message, past the flags
+    assert "$SEQNORM_CPU_ISA='no-such-level' is passed as -march" in said and "$CC" not in said
+
+
+def test_no_compiler_says_to_set_cc(tmp_path):
+    code = "from seqnorm.kernels import cpu_step; print(cpu_step.build_error())"
+    said = python(code, CC=str(tmp_path / "no-cc"), SEQNORM_CPU_ISA="x86-64-v2",
+                  SEQNORM_CACHE_DIR=str(tmp_path / "cache"))
+    assert "no C compiler" in said and "Set $CC to a C compiler" in said and "is passed as -march" not in said
+
+
+@needs_cc
 @pytest.mark.parametrize("bad", ["non-contiguous", "float64", "not a tensor"])
 def test_a_buffer_the_kernels_cannot_read_raises_before_c_sees_it(bad):
     from seqnorm.norms import OnlineNormConfig

@@ -136,7 +136,7 @@ def library() -> ctypes.CDLL:
         lib = ctypes.CDLL(str(_cached_build()))
     except OSError as err:
         raise BuildError(f"backend='cpu' could not build or load its C kernels ({' '.join(build_flags())}): {err}. "
-                         f"Set $CC to a C compiler, or use backend='torch'") from err
+                         f"{_remedy(err)}") from err
     for name in ("lstm_forward_step", "rnn_forward_step", "gru_forward_step", "lstm_backward_step",
                  "rnn_backward_step", "gru_backward_step"):
         getattr(lib, name).restype = None
@@ -145,6 +145,15 @@ def library() -> ctypes.CDLL:
     if symbols is not None:
         lib.set_sgemm(*(ctypes.c_void_p(a) for a in symbols))
     return lib
+
+
+def _remedy(err: OSError) -> str:
+    """What to change after a failed build: the ISA where the user asked for one, else the compiler."""
+    isa = os.environ.get(ISA_ENV, "").strip()
+    if isa and isa != "default" and not isinstance(err.__cause__, FileNotFoundError):
+        return (f"${ISA_ENV}={isa!r} is passed as -march: set it to a value this compiler knows, or to 'default' "
+                f"(no -march), or unset it (the best level this CPU has); or use backend='torch'")
+    return "Set $CC to a C compiler, or use backend='torch'"
 
 
 def cache_dir() -> Path:
