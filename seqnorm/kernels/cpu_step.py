@@ -149,8 +149,8 @@ def library() -> ctypes.CDLL:
 
 def _remedy(err: OSError) -> str:
     """What to change after a failed build: the ISA where the user asked for one, else the compiler."""
-    isa = os.environ.get(ISA_ENV, "").strip()
-    if isa and isa != "default" and not isinstance(err.__cause__, FileNotFoundError):
+    isa = target_isa()
+    if _asked_isa() and isa and not isinstance(err.__cause__, FileNotFoundError):
         return (f"${ISA_ENV}={isa!r} is passed as -march: set it to a value this compiler knows, or to 'default' "
                 f"(no -march), or unset it (the best level this CPU has); or use backend='torch'")
     return "Set $CC to a C compiler, or use backend='torch'"
@@ -207,11 +207,16 @@ def _compiler_version(cc: str) -> str:
     return run.stdout
 
 
+def _asked_isa() -> str:
+    """``$SEQNORM_CPU_ISA`` as the user set it ('' when unset)."""
+    return os.environ.get(ISA_ENV, "").strip()
+
+
 @functools.cache
 def target_isa() -> str | None:
     """The ``-march`` value of the build: ``$SEQNORM_CPU_ISA`` (``default``: none), else the best x86-64 level
     this CPU has (None off x86-64 or where /proc/cpuinfo is not readable: the compiler's default)."""
-    wanted = os.environ.get(ISA_ENV, "").strip()
+    wanted = _asked_isa()
     if wanted:
         return None if wanted == "default" else wanted
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -245,7 +250,7 @@ def _compile(target: str) -> None:
     know it.  OSError (BuildError's cause) with the compiler's message when every try fails."""
     flags = _wanted_flags()
     tries = [flags]
-    if target_isa() and not os.environ.get(ISA_ENV, "").strip():
+    if target_isa() and not _asked_isa():
         tries.append([f for f in flags if not f.startswith("-march=")])
     openmp = "clang" not in _compiler_version(flags[0]).lower()
     errors = []
