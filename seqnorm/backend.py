@@ -50,10 +50,13 @@ def _build_error() -> str:
 
 def cpu_loop() -> str:
     """How ``backend="cpu"`` runs a layer's time loop here: "native" (one C call per layer direction and pass,
-    the per-step products through MKL's sgemm from torch's libtorch_cpu; the BLAS uses torch's intra-op threads)
-    or "per-step" (a Python loop over the step kernels and torch matmuls: no BLAS symbol found)."""
+    the per-step products through MKL's sgemm from torch's libtorch_cpu; the BLAS uses torch's intra-op threads),
+    "per-step" (a Python loop over the step kernels and torch matmuls: no BLAS symbol found), or "unavailable"
+    (the C kernels do not build here: ``backend="cpu"`` raises, ``"auto"`` runs the torch path)."""
     from .kernels import cpu_step
 
+    if not cpu_step.available():
+        return "unavailable"
     return "native" if cpu_step.native_loop() else "per-step"
 
 

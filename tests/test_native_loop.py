@@ -108,6 +108,8 @@ def test_cpu_loop_says_which_loop_runs(monkeypatch):
     assert backends.cpu_loop() == "native"
     monkeypatch.setattr(cpu_step, "blas_symbols", lambda: None)  # as on a torch that exports no sgemm_
     assert backends.cpu_loop() == "per-step"
+    monkeypatch.setattr(cpu_step, "available", lambda: False)  # as where the C kernels do not build
+    assert backends.cpu_loop() == "unavailable"
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
