@@ -42,6 +42,10 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     path = Path(path)
+    if path.is_dir():
+        held = " or ".join(str(path / n) for n in ("best.pt", "last.pt") if (path / n).is_file())
+        raise FileNotFoundError(f"checkpoint {path} is a folder, not a checkpoint file"
+                                + (f"; pass {held}" if held else ""))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:

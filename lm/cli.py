@@ -384,7 +384,7 @@ def main(argv=None) -> int:
             print(f"seqnorm-lm {args.command}: device {device}; {_layers_note(args, describe_path(device))}",
                   file=sys.stderr)
         return args.func(args)
-    except (ValueError, FileNotFoundError, DownloadError, FloatingPointError) as e:  # CheckpointError is a ValueError
+    except (ValueError, OSError, DownloadError, FloatingPointError) as e:  # CheckpointError is a ValueError
         print(f"seqnorm-lm {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -97,6 +97,8 @@ class Trainer:
         self.progress = progress and self.ranks.main
         columns = self.ranks.columns(cfg.batch_size)
         last = self.out / "last.pt"
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"--out {self.out} is a file, not a folder")
         self._claim_folder(resume, force)
         ckpt = load_checkpoint(last) if resume and last.exists() else None
         vocab = vocab_from_state(ckpt["vocab"]) if ckpt and cfg.tokenizer == "sentencepiece" else None
@@ -104,6 +106,9 @@ class Trainer:
         self.corpus_sha256 = corpus_fingerprint(data_dir)  # recorded with the run: its data wherever it lies
         self.model_cfg = cfg.model_config(len(self.corpus.vocab))
         self.train_data = batchify(self.corpus.train, cfg.batch_size)[:, columns].to(self.device)
+        if cfg.bptt >= len(self.train_data):
+            raise ValueError(f"bptt {cfg.bptt} is longer than the train split's batch columns allow: at batch size "
+                             f"{cfg.batch_size} a segment has at most {len(self.train_data) - 1} steps")
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.model = RNNLM(self.model_cfg).to(self.device)

@@ -3,6 +3,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -318,6 +319,28 @@ def test_train_refuses_a_folder_holding_a_run_unless_resume_or_force(tmp_path, c
     assert main(_tiny(data, out, "--max-steps", "2", "--seed", "5", "--force")) == 0
     assert f"--force: replacing the run in {out}" in capsys.readouterr().err
     assert json.loads((out / "summary.json").read_text())["config"]["seed"] == 5
+
+
+def test_an_out_that_is_a_file_or_below_one_is_one_line(tmp_path, capsys):
+    data, a_file = write_corpus(tmp_path / "c"), tmp_path / "a_file"
+    a_file.write_text("mine\n")
+    assert main(_tiny(data, a_file, "--max-steps", "1")) == 2
+    assert f"--out {a_file} is a file, not a folder" in one_line_error(capsys, "train")
+    assert main(_tiny(data, a_file / "run", "--max-steps", "1")) == 2
+    assert "Not a directory" in one_line_error(capsys, "train")
+    assert main(["data", "ptb", "--dir", str(a_file)]) == 2
+    assert str(a_file) in one_line_error(capsys, "data")
+    assert a_file.read_text() == "mine\n"
+
+
+def test_a_bptt_longer_than_the_batch_columns_is_refused_before_any_work(tmp_path, capsys):
+    data = write_corpus(tmp_path / "c")  # 3000 training words: 750 rows at batch size 4
+    rows = len(Path(data, "train.txt").read_text().split() + Path(data, "train.txt").read_text().splitlines()) // 4
+    assert main(_tiny(data, tmp_path / "r", "--max-steps", "1", "--bptt", str(rows))) == 2
+    line = one_line_error(capsys, "train")
+    assert f"bptt {rows} is longer" in line and f"at most {rows - 1} steps" in line, line
+    assert not (tmp_path / "r").exists()
+    assert main(_tiny(data, tmp_path / "r", "--max-steps", "1", "--bptt", str(rows - 1), "--bptt-mode", "fixed")) == 0
 
 
 def test_resume_says_what_it_applies_and_refuses_another_model(tmp_path, capsys):

@@ -158,6 +158,9 @@ def test_checkpoint_errors(corpus_dir, tmp_path):
         load_model(foreign)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model(tmp_path / "missing.pt")
+    run = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match=f"is a folder, not a checkpoint file; pass {run / 'best.pt'} or "):
+        load_model(run)
 
 
 @pytest.mark.trajectory
