@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import seqnorm
+
 from lm import robust_start
 from lm.batching import segment
 from lm.checkpoint import load_checkpoint
@@ -145,6 +147,35 @@ def test_the_gate_update_is_the_largest_relative_change_of_a_gate_block():
     unnormalized = RNNLM(ModelConfig(vocab_size=V, cell="lstm-cudnn", norm="none", emsize=H, nhid=H))
     none = RobustStart(TrainConfig(), unnormalized, V)
     assert none.layers == [] and none.gate_update([p.detach() for p in unnormalized.parameters()]) == 0.0
+
+
+def test_the_gate_update_is_the_largest_over_every_normalized_layer_of_a_model():
+    """A model of two seqnorm layers (as in a user's own model): the second's g block scaled by 3 is the update
+    (relative 2), the first left as it was (0)."""
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"a": seqnorm.LSTM(H, H, norm="layer"), "b": seqnorm.LSTM(H, H, norm="layer")})
+    start = RobustStart(TrainConfig(), model, V)
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for name in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"):
+            getattr(model["b"], name)[2 * H:3 * H] *= 3.0
+    assert len(start.layers) == 2 and start.gate_update(before) == pytest.approx(2.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("first", ["skipped", "as written"])
+def test_the_ceiling_halves_only_an_update_that_was_made(first, monkeypatch):
+    """Step 1's loss is above the ceiling (under the bound).  After an update made at step 0 the ceiling pulls it
+    back; after a skipped step 0 (forced) there is no update to halve, and nothing is pulled back."""
+    model, start, ids = _tiny()
+    if first == "skipped":
+        monkeypatch.setattr(start, "_check", lambda seg, value, begin: (True, 0.0, 0.0))
+    assert start.step(0, _segment(model, ids, lambda: _sgd(model, 0.5)))[3]["undone"] == first
+    monkeypatch.undo()
+    seg = _segment(model, ids, lambda: _sgd(model, 0.01))
+    high = Segment(forward=lambda t: (lambda f: (f[0], start.ceiling + 0.5, f[2]))(seg.forward(t)), learn=seg.learn,
+                   length=seg.length)
+    done = start.step(1, high)[3]
+    assert ("pulled_back" in done) == (first == "as written") and "walked_back" not in done
 
 
 def test_a_step_that_fires_nothing_is_the_plain_step():
