@@ -1,6 +1,7 @@
 """The C kernels' build and boundary: they leave the process's floating-point mode alone, build for the ISA asked
 for, say what the compiler said when a build fails, refuse a buffer they cannot read, and compute the IEEE result
 where a fast-math build would not (a sigmoid of a very negative input is 0, not NaN)."""
+import hashlib
 import os
 import shutil
 import subprocess
@@ -152,6 +153,25 @@ def test_a_second_process_loads_the_cached_build_without_compiling(tmp_path):
     assert python(BUILD, **env) == first  # the same flags, read back with the build
     assert len(compiles()) == n  # loaded, not compiled again
     assert not list((tmp_path / "cache").glob(".building-*"))  # nothing half-written left behind
+
+
+@needs_cc
+@pytest.mark.parametrize("damage", ["truncated", "overwritten"])
+def test_a_damaged_cached_build_is_built_again_not_loaded(tmp_path, damage):
+    """A cached library cut short (a full disk, a crash, a partial copy) or replaced kills the process that loads
+    it (SIGBUS) or is not the build: the next process compiles again and runs."""
+    cc = _logging_cc(tmp_path)
+    env = dict(CC=str(cc), SEQNORM_CACHE_DIR=str(tmp_path / "cache"))
+    python(BUILD, **env)
+    compiles = lambda: [ln for ln in (tmp_path / "cc.log").read_text().splitlines() if "-shared" in ln]  # noqa: E731
+    n = len(compiles())
+    (library,) = (tmp_path / "cache").glob("cpu_kernels-*.so")
+    data = library.read_bytes()
+    library.write_bytes(data[:len(data) // 2] if damage == "truncated" else data[:-1] + bytes([data[-1] ^ 1]))
+    code = "import torch, seqnorm; print(seqnorm.LSTM(4, 5, backend='cpu')(torch.randn(3, 2, 4))[0].shape)"
+    assert python(code, **env) == "torch.Size([3, 2, 5])"
+    assert len(compiles()) > n
+    assert hashlib.sha256(library.read_bytes()).hexdigest() == library.with_suffix(".sha256").read_text()
 
 
 @needs_cc

@@ -165,36 +165,52 @@ def cache_dir() -> Path:
 
 
 def _cached_build() -> Path:
-    """The library file: from the cache when one with the same sources, flags and compiler is there, else built
-    into it (atomic rename; the flags used beside it); where the cache cannot be written, built in a temporary
+    """The library file: from the cache when one with the same sources, flags and compiler is there and its
+    bytes are those built (a damaged file, loaded, can kill the process), else built into it (atomic rename;
+    beside it the flags used and the file's SHA-256); where the cache cannot be written, built in a temporary
     folder removed at exit."""
     wanted = _wanted_flags()
     key = hashlib.sha256(repr((wanted, _compiler_version(wanted[0]))).encode())
     for source in sorted((*SOURCES, *HERE.glob("*.h"))):
         key.update(source.read_bytes())
     target = cache_dir() / f"cpu_kernels-{key.hexdigest()[:20]}.so"
-    used = target.with_suffix(".flags")
-    if target.is_file() and used.is_file():
+    used, digest = target.with_suffix(".flags"), target.with_suffix(".sha256")
+    if _intact(target, digest) and used.is_file():
         _built[tuple(wanted)] = used.read_text().split("\n")
         return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, partial = tempfile.mkstemp(dir=target.parent, prefix=".building-", suffix=".so")
+        fd, name = tempfile.mkstemp(dir=target.parent, prefix=".building-", suffix=".so")
         os.close(fd)
     except OSError:  # the cache cannot be written here: a build of this process's own
         folder = tempfile.mkdtemp(prefix="seqnorm-cpu-step-")
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         _compile(os.path.join(folder, "cpu_step.so"))
         return Path(folder) / "cpu_step.so"
+    partial = Path(name)
     try:
-        _compile(partial)
-        Path(partial).with_suffix(".flags").write_text("\n".join(_built[tuple(wanted)]))
-        os.replace(Path(partial).with_suffix(".flags"), used)
+        _compile(name)
+        for path, text in ((used, "\n".join(_built[tuple(wanted)])), (digest, _sha256(partial))):
+            partial.with_suffix(path.suffix).write_text(text)
+            os.replace(partial.with_suffix(path.suffix), path)
         os.replace(partial, target)  # atomic: another process sees the whole file or none
     finally:
-        Path(partial).unlink(missing_ok=True)
-        Path(partial).with_suffix(".flags").unlink(missing_ok=True)
+        for leftover in (partial, partial.with_suffix(used.suffix), partial.with_suffix(digest.suffix)):
+            leftover.unlink(missing_ok=True)
     return target
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _intact(library_file: Path, digest: Path) -> bool:
+    """Whether a cached build is there with the bytes it was built with (a truncated or overwritten file is
+    built again rather than loaded)."""
+    try:
+        return _sha256(library_file) == digest.read_text().strip()
+    except OSError:
+        return False
 
 
 @functools.cache
