@@ -33,6 +33,8 @@ def run_grid(out, data=None, cells=("lstm", "rnn"), norms=("online", "layer", "n
     """Train every configuration (presets, shrunk by ``epochs``/``max_steps``; ``overrides``, TrainConfig
     fields, for all: e.g. ``AS_WRITTEN`` for no robust start) and summarize.  ``train_missing=False``: train
     nothing, summarize the runs recorded in ``out`` and list the others under ``"missing"``."""
+    for flag, values in (("--cells", cells), ("--norms", norms), ("--seeds", seeds)):
+        _refuse_repeats(flag, values)
     out = Path(out)
     runs, missing = [], []
     for cell in cells:
@@ -135,6 +137,14 @@ def _recorded(cfg: TrainConfig) -> dict | None:
         if not budget_grew and summary.get("status") == "finished":
             return summary
     return None
+
+
+def _refuse_repeats(what: str, values) -> None:
+    """A value listed twice would count its run twice in the medians."""
+    values = list(values)
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise ValueError(f"{', '.join(repeated)} given more than once in {what}")
 
 
 def _train_or_diverge(cfg: TrainConfig, progress: bool, label: str = "") -> dict:
@@ -332,18 +342,19 @@ def runs_table(runs: list[dict]) -> str:
     the robust start retook, and the largest gate block of the first layer at the end (the numbers behind the
     plot)."""
     epochs = max((h["epoch"] for r in runs for h in r.get("history", []) if h["event"] == "epoch"), default=0)
-    lines = ["| run | " + " | ".join(f"epoch {e}" for e in range(1, epochs + 1)) + " | best valid | test | retaken | "
-             "largest gate block |", "|---" * (epochs + 5) + "|"]
+    head = ["run", *(f"epoch {e}" for e in range(1, epochs + 1)), "best valid", "test", "retaken",
+            "largest gate block"]
+    rows = []
     for r in runs:
+        label = f"{r['preset']} seed {r['seed']}"
         if r["status"] != "finished":
-            lines.append(f"| {r['preset']} seed {r['seed']} | diverged at step {r.get('step')} |" + " |" * (epochs + 3))
+            rows.append([label, f"diverged at step {r.get('step')}", *[""] * (len(head) - 2)])
             continue
         ppl = {h["epoch"]: f"{h['valid_ppl']:.1f}" for h in r["history"] if h["event"] == "epoch"}
-        cells = [ppl.get(e, "") for e in range(1, epochs + 1)]
         gates = r["history"][-1].get("gates")
-        lines.append(f"| {r['preset']} seed {r['seed']} | " + " | ".join(cells) +
-                     f" | {r['best_valid_ppl']:.1f} | {r['test_ppl']:.1f} | {_retaken(r)} | "
-                     f"{f'{max(gates.values()):.1f}' if gates else '—'} |")
+        rows.append([label, *(ppl.get(e, "") for e in range(1, epochs + 1)), f"{r['best_valid_ppl']:.1f}",
+                     f"{r['test_ppl']:.1f}", str(_retaken(r)), f"{max(gates.values()):.1f}" if gates else "—"])
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|", *("| " + " | ".join(row) + " |" for row in rows)]
     return "\n".join(lines) + ("\n\nCorpus validation perplexity after each epoch, per run. Largest gate block: the "
                                "largest norm of a first-layer gate's weights at the run's end, where damage that the "
                                "loss does not show stays visible (docs/robust_start.md; — where the run has no "
@@ -404,6 +415,7 @@ def summarize_folders(folders, out) -> dict:
     settings but seed, folder, data path and device).  A group is named by its preset when it is one, else by
     its cell and norm and the settings in which the groups differ.  Writes ``results.json``, ``results.md`` and
     ``valid_ppl.png`` into ``out``; folders without a finished or diverged run are listed as unfinished."""
+    _refuse_repeats("the folders", [Path(f).resolve() for f in folders])
     runs, unfinished = [], []
     for folder in map(Path, folders):
         record = next((folder / n for n in ("summary.json", "diverged.json") if (folder / n).exists()), None)

@@ -379,6 +379,8 @@ def test_summarize_tabulates_any_run_folders(tmp_path, capsys, monkeypatch):
     assert main(["summarize", str(tmp_path / "x"), "--out", str(tmp_path / "u")]) == 0
     assert "no plot: matplotlib is not installed" in capsys.readouterr().err
     assert not (tmp_path / "u" / "valid_ppl.png").exists()
+    assert main(["summarize", str(tmp_path / "x"), str(tmp_path / "x") + "/", "--out", str(tmp_path / "v")]) == 2
+    assert f"{tmp_path / 'x'} given more than once in the folders" in one_line_error(capsys, "summarize")
 
 
 def test_summarize_names_preset_runs_by_their_preset():

@@ -359,6 +359,11 @@ def test_compare_summarize_trains_nothing_and_names_the_missing_runs(corpus_dir,
     md = (tmp_path / "cmp" / "results.md").read_text()
     assert "| paper-rnn-none | 1 |" in md
     assert "not finished yet: paper-rnn-none seed 1, paper-rnn-none seed 2." in md
+    runs_table = md[md.index("| run |"):].split("\n\n")[0].splitlines()
+    assert len({line.count("|") for line in runs_table}) == 1, runs_table  # every row as wide as the head
+    with pytest.raises(ValueError, match="0 given more than once in --seeds"):
+        compare.run_grid(tmp_path / "cmp", **grid, seeds=(0, 1, 0))
+    assert calls == []
     with pytest.raises(ValueError, match="holds no finished or diverged run of this grid"):
         compare.run_grid(tmp_path / "cmp", **grid, seeds=(2,), train_missing=False)
 
