@@ -9,6 +9,7 @@ from torch import nn
 
 from lm import compare, load_model
 from lm.checkpoint import CheckpointError, load_checkpoint
+from lm.data import load_corpus
 from lm.config import AS_WRITTEN
 from lm.evaluate import evaluate
 from lm.generate import generate
@@ -480,3 +481,68 @@ def test_retaken_counts_a_run_stopped_mid_epoch():
     assert compare._retaken({"history": [end(1)]}) == 1
     assert compare._retaken({"history": [epoch(2), end(1)]}) == 3
     assert compare._retaken({"history": [end(1), epoch(3)]}) == 3
+
+
+def test_clip_moves_the_weights_by_lr_times_clip(corpus_dir, tmp_path):
+    """--clip c on a step whose gradient norm is above c: plain SGD without weight decay moves the weights by
+    -lr * g * c / ||g||, a step of norm lr * c exactly."""
+    cfg = small_config(corpus_dir, tmp_path / "run", max_steps=1, lr=2.0, weight_decay=0.0, clip=1e-3)
+    trainer = Trainer(cfg, progress=False, log_every=1)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.run()
+    moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(trainer.model.parameters(), before)])
+    (step,) = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    assert step["grad_norm"] > 1e-3 and step["undone"] == "as written"
+    assert float(torch.linalg.vector_norm(moved)) == pytest.approx(2.0 * 1e-3, rel=1e-4)
+
+
+def test_every_epoch_starts_from_a_zero_hidden_state(corpus_dir, tmp_path):
+    """As in pytorch/examples' word_language_model, the state carried from segment to segment is reset when an
+    epoch begins: the checkpoint at an epoch's end holds zeros, one saved inside an epoch the carried state."""
+    train(small_config(corpus_dir, tmp_path / "epoch", epochs=1), progress=False)
+    train(small_config(corpus_dir, tmp_path / "inside", max_steps=3), progress=False)
+    states = {name: load_checkpoint(tmp_path / name / "last.pt")["train"]["hidden"] for name in ("epoch", "inside")}
+    assert all(not h.any() for h in states["epoch"]) and all(h.any() for h in states["inside"])
+
+
+def test_the_test_perplexity_is_that_of_the_best_validation_epoch(corpus_dir, tmp_path, monkeypatch):
+    """Epoch 2 validates worse (forced): the summary's test perplexity is best.pt's (epoch 1), measured here by
+    loading it and evaluating the test split, not last.pt's."""
+    validate = Trainer._evaluate
+
+    def worse_in_epoch_2(self, split):
+        result = validate(self, split)
+        return {**result, "perplexity": result["perplexity"] * (10.0 if self.epoch == 1 else 1.0)}
+
+    monkeypatch.setattr(Trainer, "_evaluate", worse_in_epoch_2)
+    summary = train(small_config(corpus_dir, tmp_path / "run", epochs=2), progress=False)
+    assert summary["best_epoch"] == 1
+    test = load_corpus(corpus_dir).test
+    best, last = (load_model(tmp_path / "run" / name)[0] for name in ("best.pt", "last.pt"))
+    assert summary["test_ppl"] == pytest.approx(evaluate(best, test, 3, 8)["perplexity"], rel=1e-6)
+    assert summary["test_ppl"] != pytest.approx(evaluate(last, test, 3, 8)["perplexity"], rel=1e-6)
+
+
+def test_weight_decay_adds_lr_times_decay_times_the_weights_to_the_step(corpus_dir, tmp_path):
+    """SGD's weight decay d: from the same weights and batch, the step with decay differs from the step without
+    by -lr * d * w0 exactly (the gradient term is the same)."""
+    runs = {}
+    for decay in (0.0, 0.25):
+        trainer = Trainer(small_config(corpus_dir, tmp_path / str(decay), max_steps=1, lr=2.0, weight_decay=decay),
+                          progress=False)
+        start = [p.detach().clone() for p in trainer.model.parameters()]
+        assert trainer.run()["history"][-1]["retries"] == 0
+        runs[decay] = [p.detach() for p in trainer.model.parameters()]
+    for w0, plain, decayed in zip(start, runs[0.0], runs[0.25]):
+        torch.testing.assert_close(decayed - plain, -2.0 * 0.25 * w0, rtol=1e-4, atol=1e-6)
+
+
+def test_an_epochs_train_loss_is_the_token_mean_of_its_steps_losses(corpus_dir, tmp_path):
+    """The epoch record's train loss: each step's loss (steps.jsonl) weighted by its tokens, segment x batch."""
+    cfg = small_config(corpus_dir, tmp_path / "run", epochs=1)
+    record = Trainer(cfg, progress=False, log_every=1).run()["history"][-1]
+    steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    tokens = [s["segment"] * cfg.batch_size for s in steps]
+    mean = sum(s["loss"] * t for s, t in zip(steps, tokens)) / sum(tokens)
+    assert record["event"] == "epoch" and record["train_loss"] == pytest.approx(mean, rel=1e-9)
+    assert record["train_ppl"] == pytest.approx(math.exp(mean), rel=1e-9)

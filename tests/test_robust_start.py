@@ -628,3 +628,18 @@ def test_a_long_first_segment_trains_with_the_default_and_blows_up_as_written(tm
     else:
         record_property("as written", "diverged")
         assert code == 2 and "diverged" in capsys.readouterr().err
+
+
+def test_a_run_killed_after_its_checkpoint_logs_each_step_once(corpus_dir, tmp_path):
+    """A hard kill leaves steps.jsonl lines past the last checkpoint: on --resume those steps are retaken, and
+    each is in the log once, as in the run never stopped."""
+    cfg = small(corpus_dir, tmp_path / "full", max_steps=24)
+    Trainer(cfg, progress=False, log_every=1).run()
+    cut = replace(cfg, out=str(tmp_path / "cut"))
+    Trainer(cut, progress=False, log_every=1).run(should_stop=lambda step: step == 20)
+    checkpoint = (tmp_path / "cut" / "last.pt").read_bytes()
+    Trainer(cut, resume=True, progress=False, log_every=1).run()
+    (tmp_path / "cut" / "last.pt").write_bytes(checkpoint)  # killed before its last save: lines 20-23 written
+    Trainer(cut, resume=True, progress=False, log_every=1).run()
+    assert [r["step"] for r in _steps(tmp_path / "cut")] == list(range(24))
+    assert _steps(tmp_path / "cut") == _steps(tmp_path / "full")
