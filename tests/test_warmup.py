@@ -43,6 +43,8 @@ def test_the_schedule_rises_to_the_full_length_then_stops():
     ks = [seqnorm.truncation_schedule(s, warmup_steps=4, start=32, full=128) for s in range(6)]
     assert ks == [32, 56, 80, 104, None, None]
     assert seqnorm.truncation_schedule(3, warmup_steps=4, start=32) == 32
+    assert seqnorm.truncation_schedule(4, warmup_steps=4, start=32) is None  # the warm-up is over
+    assert seqnorm.truncation_schedule(0, warmup_steps=4, start=32, full=16) is None  # K >= full: no cut
     with pytest.raises(ValueError, match="k must be"):
         seqnorm.truncated_forward(seqnorm.RNN(2, 3), torch.randn(4, 1, 2), k=0)
 
@@ -85,6 +87,9 @@ def test_gate_blocks_are_each_gates_rows_of_the_four_weights_in_every_layer_and_
                          for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")], 1)
     assert seqnorm.largest_gate_update(gru, before) == pytest.approx(2.0 / torch.linalg.vector_norm(n_block).item(),
                                                                      rel=1e-5)
+    with torch.no_grad():
+        gru.weight_hh_l0[0, 0] = float("nan")  # a non-finite block is the largest update
+    assert seqnorm.largest_gate_update(gru, before) == math.inf
     assert list(seqnorm.gate_norms(seqnorm.RNN(3, 4, norm="online"))) == ["l0.a"]
     for layer in (seqnorm.LSTM(3, 4, norm=None), torch.nn.LSTM(3, 4)):
         assert seqnorm.gate_norms(layer) == {}
