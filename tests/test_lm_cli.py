@@ -1,6 +1,7 @@
 """The seqnorm-lm command line: a PTB smoke run (train, eval, generate), help, data, errors."""
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -364,6 +365,40 @@ def test_resume_says_what_it_applies_and_refuses_another_model(tmp_path, capsys)
     assert "nhid=8 in the checkpoint vs 16 requested" in one_line_error(capsys, "train")
     assert main(_tiny(data, out, "--max-steps", "6", "--seed", "9", "--resume")) == 2
     assert "--seed 9 (the run has 0)" in one_line_error(capsys, "train")
+
+
+def test_resume_applies_a_new_rate_decay_and_weight_decay_from_the_epochs_done(tmp_path, capsys):
+    """A finished 2-epoch run (lr 1, decay 0.5) extended to 3 epochs with lr 4, decay 0.25, weight decay 0.01:
+    epoch 3 trains at 4 * 0.25^2 (the base rate decayed by the 2 epochs done) with weight decay 0.01, and the
+    schedule steps on by 0.25; then to 4 epochs with a new decay alone, 0.5: epoch 4 at 4 * 0.5^3."""
+    data, out = write_corpus(tmp_path / "c", n_train=400), tmp_path / "run"
+    assert main(_tiny(data, out, "--epochs", "2", "--lr", "1", "--lr-decay", "0.5")) == 0
+    assert main(_tiny(data, out, "--epochs", "3", "--lr", "4", "--lr-decay", "0.25", "--weight-decay", "0.01",
+                      "--resume")) == 0
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in history] == [1.0, 0.5, 4 * 0.25 ** 2]
+    (group,) = load_checkpoint(out / "last.pt")["train"]["optimizer"]["param_groups"]
+    assert group["weight_decay"] == 0.01 and group["lr"] == pytest.approx(4 * 0.25 ** 3)
+    assert main(_tiny(data, out, "--epochs", "4", "--lr-decay", "0.5", "--resume")) == 0  # the decay alone
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert history[-1]["lr"] == 4 * 0.5 ** 3  # the run's base rate 4, decayed by the new 0.5 over 3 epochs
+
+
+def test_resume_refuses_what_would_make_another_run(tmp_path, capsys):
+    """Another batch size, vocabulary cap or corpus is another run: an error naming it, the run untouched."""
+    data, out = write_corpus(tmp_path / "c"), tmp_path / "run"
+    assert main(_tiny(data, out, "--max-steps", "2")) == 0
+    before = (out / "last.pt").read_bytes()
+    capsys.readouterr()
+    other = tmp_path / "other"  # the same training text (so the same vocabulary), another test split
+    shutil.copytree(data, other)
+    (other / "test.txt").write_text("".join(reversed((data / "test.txt").read_text().splitlines(True))))
+    for extra, said in ((["--batch-size", "8"], "--batch-size 8 (the run has 4)"),
+                        (["--vocab-size", "100"], "--vocab-size 100 (the run has None)"),  # a cap that binds nothing
+                        (["--data", str(other)], "was trained on another corpus")):
+        assert main([*_tiny(data, out, "--max-steps", "3", "--resume"), *extra]) == 2, extra
+        assert said in one_line_error(capsys, "train")
+    assert (out / "last.pt").read_bytes() == before
 
 
 def test_summarize_tabulates_any_run_folders(tmp_path, capsys, monkeypatch):
