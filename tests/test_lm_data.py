@@ -62,6 +62,9 @@ def test_vocab_built_from_train_with_unk(tmp_path):
     assert c.valid.tolist() == [s["a"], s[UNK], s[EOS]]
     capped = WordVocab.build(["a b a", "c a"], max_size=3)
     assert capped.itos == ["a", EOS, UNK]
+    assert WordVocab.build(["d b", "b d"]).itos == ["d", "b", EOS, UNK]  # a tie of three: first seen, not sorted
+    with pytest.raises(ValueError, match="repeated words"):  # e.g. a damaged checkpoint's word list
+        WordVocab(["a", "b", "a"])
     with pytest.raises(ValueError, match="unknown word") as err:
         c.vocab.encode_prompt("a z")
     assert "lower case" not in str(err.value)
