@@ -227,6 +227,31 @@ def test_load_model_and_generate(corpus_dir, tmp_path):
         generate(model, vocab, temperature=0)
 
 
+def test_generate_samples_each_word_from_the_whole_text_so_far(corpus_dir, tmp_path):
+    """Reference: each next word drawn (same seeded generator) from softmax(logits / T) of the last position of
+    the whole text so far, run from the start in eval mode (no carried state); at T = 1e-6 that is the argmax.
+    The model is given in training mode with dropout 0.5 and comes back in it."""
+    prompt = "w1 w2 <eos>"
+    train(small_config(corpus_dir, tmp_path / "run", max_steps=40, dropout=0.5), progress=False)
+    model, vocab, _ = load_model(tmp_path / "run" / "best.pt")
+
+    def reference(temperature, seed, words):
+        ids, generator = vocab.encode_prompt(prompt), torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for _ in range(words):
+                logits, _ = model(torch.tensor(ids).view(-1, 1))
+                probs = torch.softmax(logits[-1, 0] / temperature, dim=-1)
+                ids.append(int(torch.multinomial(probs, 1, generator=generator)))
+        return vocab.decode(ids[3:])
+
+    expected = {t: reference(t, 5, 30) for t in (1e-6, 0.7)}
+    model.train()
+    for t in (1e-6, 0.7):
+        assert generate(model, vocab, words=30, temperature=t, seed=5, prompt=prompt) == expected[t], t
+    assert model.training
+    assert len({generate(model, vocab, words=8, seed=s, prompt=prompt) for s in range(4)}) > 1
+
+
 def test_sentencepiece_training_end_to_end(corpus_dir, tmp_path):
     cfg = small_config(corpus_dir, tmp_path / "sp", tokenizer="sentencepiece", vocab_size=30, max_steps=4)
     summary = train(cfg, progress=False)
