@@ -336,7 +336,8 @@ def test_an_out_that_is_a_file_or_below_one_is_one_line(tmp_path, capsys):
 
 def test_a_bptt_longer_than_the_batch_columns_is_refused_before_any_work(tmp_path, capsys):
     data = write_corpus(tmp_path / "c")  # 3000 training words: 750 rows at batch size 4
-    rows = len(Path(data, "train.txt").read_text().split() + Path(data, "train.txt").read_text().splitlines()) // 4
+    text = Path(data, "train.txt").read_text()
+    rows = (len(text.split()) + len(text.splitlines())) // 4  # words and one <eos> a line, in 4 columns
     assert main(_tiny(data, tmp_path / "r", "--max-steps", "1", "--bptt", str(rows))) == 2
     line = one_line_error(capsys, "train")
     assert f"bptt {rows} is longer" in line and f"at most {rows - 1} steps" in line, line

@@ -550,7 +550,7 @@ def test_the_test_perplexity_is_that_of_the_best_validation_epoch(corpus_dir, tm
 
 def test_weight_decay_adds_lr_times_decay_times_the_weights_to_the_step(corpus_dir, tmp_path):
     """SGD's weight decay d: from the same weights and batch, the step with decay differs from the step without
-    by -lr * d * w0 exactly (the gradient term is the same)."""
+    by -lr * d * w0 exactly (the gradient term is the same; both runs start from the same seeded weights w0)."""
     runs = {}
     for decay in (0.0, 0.25):
         trainer = Trainer(small_config(corpus_dir, tmp_path / str(decay), max_steps=1, lr=2.0, weight_decay=decay),
