@@ -84,7 +84,8 @@ def model_from_checkpoint(ckpt: dict, path="checkpoint", device="cpu") -> RNNLM:
         model = RNNLM(cfg)
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
-        raise CheckpointError(f"checkpoint {path} does not hold a valid model: {e}") from e
+        detail = " ".join(str(e).split())  # torch's load_state_dict message spans lines
+        raise CheckpointError(f"checkpoint {path} does not hold a valid model: {detail}") from e
     return model.to(device)
 
 

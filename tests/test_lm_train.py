@@ -164,6 +164,38 @@ def test_checkpoint_errors(corpus_dir, tmp_path):
         load_model(run)
 
 
+def test_a_checkpoint_that_is_almost_ours_is_refused_by_name(corpus_dir, tmp_path):
+    """Each part load_checkpoint checks, broken alone in a real checkpoint: the error says which."""
+    cfg = small_config(corpus_dir, tmp_path / "run", norm="none", max_steps=2)
+    train(cfg, progress=False)
+    good = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+
+    def refused(payload, match):
+        path = tmp_path / "variant.pt"
+        torch.save(payload, path)
+        with pytest.raises(CheckpointError, match=match):
+            load_model(path)
+
+    refused({**good, "format": "seqnorm-lm/0"}, "not a seqnorm-lm checkpoint")
+    refused([good], "not a seqnorm-lm checkpoint")
+    refused({k: v for k, v in good.items() if k != "vocab"}, r"lacks \['vocab'\]")
+    wrong_shape = {**good["model"], "encoder.weight": torch.zeros(3, 3)}
+    refused({**good, "model": wrong_shape}, "does not hold a valid model.*encoder.weight")
+    with pytest.raises(CheckpointError, match="another model: cell='lstm' in the checkpoint vs 'gru'"):
+        Trainer(replace(cfg, cell="gru"), resume=True)
+
+
+def test_a_failed_save_leaves_the_old_checkpoint_and_no_temporary_file(tmp_path):
+    from lm.checkpoint import save_checkpoint
+
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"step": 1})
+    with pytest.raises(Exception):
+        save_checkpoint(path, {"step": 2, "unpicklable": lambda: None})
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
 @pytest.mark.trajectory
 def test_divergence_is_a_clear_error(corpus_dir, tmp_path, record_property):
     with pytest.raises(FloatingPointError, match="diverged") as info:  # as written: the start would skip the steps
