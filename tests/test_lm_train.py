@@ -1,7 +1,7 @@
 """lm model, training, evaluation, checkpoints, resume, generation and compare, on small generated corpora."""
 import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -244,6 +244,10 @@ def test_compare_records_and_marks_a_diverged_run(corpus_dir, tmp_path, monkeypa
     assert "| paper-rnn-layer | 0 (+1 diverged) |" in md
     assert f"| paper-rnn-layer seed 0 | diverged at step {run['step']} |" in md
     assert (tmp_path / "cmp" / "valid_ppl.png").exists()
+    monkeypatch.setattr(compare, "train", lambda *a, **k: pytest.fail("a recorded divergence was trained again"))
+    again = compare.run_grid(tmp_path / "cmp", data=str(corpus_dir), cells=("rnn",), norms=("layer",), seeds=(0,),
+                             max_steps=20, progress=False, epochs=1, overrides=AS_WRITTEN)
+    assert again["runs"] == results["runs"]
 
 
 def test_load_model_and_generate(corpus_dir, tmp_path):
@@ -380,6 +384,26 @@ def test_compare_never_relabels_a_run_with_other_settings(corpus_dir, tmp_path):
     longer = compare.run_grid(tmp_path / "cmp", **{**grid, "epochs": 2}, overrides=AS_WRITTEN)
     (a,), (b,) = first["runs"], longer["runs"]
     assert b["epochs_completed"] == 2 and b["history"][0] == a["history"][0]  # continued, not retrained
+
+
+def test_compare_never_continues_an_unfinished_run_with_other_settings(corpus_dir, tmp_path):
+    """A run cut short (last.pt, no summary.json) is checked against the grid's settings before it resumes."""
+    from lm.config import AS_WRITTEN
+
+    grid = dict(data=str(corpus_dir), cells=("rnn",), norms=("none",), seeds=(0,), progress=False, epochs=1)
+    compare.run_grid(tmp_path / "cmp", **grid, max_steps=2, overrides=AS_WRITTEN)
+    run = tmp_path / "cmp" / "paper-rnn-none-seed0"
+    (run / "summary.json").unlink()  # as after a hard kill mid-epoch
+    with pytest.raises(ValueError, match=r"last.pt holds a run with other settings \(warmup 'none' there, "
+                                         r"'undo' here\)"):
+        compare.run_grid(tmp_path / "cmp", **grid, max_steps=2)
+
+
+def test_a_run_is_the_same_run_on_another_device():
+    cfg = TrainConfig(data="d", out="o", device="cpu")
+    saved = {**json.loads(json.dumps(asdict(cfg))), "device": "cuda"}
+    assert compare._differences(saved, cfg) == {}
+    assert compare._differences({**saved, "lr": 99.0}, cfg) == {"lr": (99.0, cfg.lr)}
 
 
 def test_compare_reads_back_a_run_saved_before_a_setting_existed(corpus_dir, tmp_path, monkeypatch):
