@@ -211,6 +211,7 @@ def cmd_eval(args) -> int:
     from .checkpoint import check_vocab, load_model
     from .data import load_corpus
     from .evaluate import evaluate
+    from .machine import check_fits
 
     model, vocab, ckpt = load_model(args.checkpoint, args.device)
     if vocab.kind == "word":  # rebuild from this data's train split: another corpus gives another vocabulary
@@ -218,6 +219,10 @@ def cmd_eval(args) -> int:
         check_vocab(ckpt, corpus.vocab, args.checkpoint)
     else:
         corpus = load_corpus(args.data, vocab=vocab)
+    steps = min(args.bptt, max(len(corpus.split(args.split)) // max(args.batch_size, 1) - 1, 1))  # the longest
+    check_fits(f"an evaluation step's scores (2 x {steps} steps x {args.batch_size} rows x {len(vocab)} words, "
+               "float32)", 2 * steps * args.batch_size * len(vocab), next(model.parameters()).device,
+               "lower --batch-size or --bptt")
     result = evaluate(model, corpus.split(args.split), args.batch_size, args.bptt, progress=not args.no_progress,
                       desc=args.split)
     print(json.dumps({"split": args.split, "checkpoint": str(args.checkpoint), **result}))

@@ -49,3 +49,27 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"device {name!r} requested but there are {torch.cuda.device_count()} GPUs")
     return device
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation can still get on ``device``: the GPU's free memory, or Linux's MemAvailable plus free
+    swap; None where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        return (int(info["MemAvailable"].split()[0]) + int(info.get("SwapFree", "0 kB").split()[0])) * 1024
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+
+
+def check_fits(what: str, floats: int, device: torch.device, advice: str) -> None:
+    """A ValueError, before any work, when ``floats`` float32 values that must coexist do not fit in the memory
+    ``device`` has left: such a run would end in the allocator's error, or on Linux in a kill by the kernel's
+    out-of-memory killer with no message at all."""
+    free = available_memory(device)
+    need = 4 * floats
+    if free is not None and need > free:
+        where = "this machine" if device.type == "cpu" else str(device)
+        raise ValueError(f"{what} need at least {need / 1e9:.1f} GB and {where} has {free / 1e9:.1f} GB "
+                         f"available: {advice}")

@@ -37,7 +37,7 @@ from .checkpoint import (check_model_config, check_vocab, load_checkpoint, model
 from .data import corpus_fingerprint, load_corpus, resolve_data_dir, vocab_from_state
 from .evaluate import evaluate, safe_exp
 from .config import TrainConfig  # noqa: F401  (re-exported)
-from .machine import resolve_device
+from .machine import check_fits, resolve_device
 from .model import RNNLM, detach_hidden, map_hidden
 from .resume import apply_optimizer_changes, resume_changes
 from .robust_start import RobustStart, Segment, rng_state, set_rng_state
@@ -109,6 +109,7 @@ class Trainer:
         if cfg.bptt >= len(self.train_data):
             raise ValueError(f"bptt {cfg.bptt} is longer than the train split's batch columns allow: at batch size "
                              f"{cfg.batch_size} a segment has at most {len(self.train_data) - 1} steps")
+        self._check_fits(len(self.corpus.vocab))
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.model = RNNLM(self.model_cfg).to(self.device)
@@ -163,6 +164,17 @@ class Trainer:
             yield own
         finally:
             load_states(self.model, own[self.ranks.rank])
+
+    def _check_fits(self, vocab_size: int) -> None:
+        """The decoder's scores and their log-softmax coexist in a step: 2 x steps x rows x vocabulary floats, for
+        the longest segment (training: bptt; evaluation: eval_bptt, or the longer split's rows if fewer)."""
+        eval_rows = max(len(self.corpus.valid), len(self.corpus.test)) // self.cfg.eval_batch_size
+        for what, steps, rows, flags in (("a training step's scores", self.cfg.bptt, self.train_data.shape[1],
+                                          "--batch-size or --bptt"),
+                                         ("an evaluation step's scores", min(self.cfg.eval_bptt, max(eval_rows - 1, 1)),
+                                          self.cfg.eval_batch_size, "--eval-batch-size or --eval-bptt")):
+            check_fits(f"{what} (2 x {steps} steps x {rows} rows x {vocab_size} words, float32)",
+                       2 * steps * rows * vocab_size, self.device, f"lower {flags}")
 
     def _claim_folder(self, resume: bool, force: bool) -> None:
         """A new run never overwrites another: ``--out`` holding a run's files is an error unless ``resume``

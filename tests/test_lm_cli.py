@@ -472,3 +472,46 @@ def test_tensorboard_gets_the_epoch_scalars_or_a_clear_error(tmp_path, capsys, m
         capsys.readouterr()
         assert main(_tiny(data, tmp_path / "b", "--max-steps", "3", "--tensorboard", str(tmp_path / "tb2"))) == 2
         assert "pip install tensorboard" in one_line_error(capsys, "train")
+
+
+def test_a_step_too_large_for_the_memory_left_is_refused_before_any_work(tiny_checkpoint, tmp_path, capsys,
+                                                                           monkeypatch):
+    """The decoder's scores and their log-softmax (2 x steps x rows x vocabulary floats) must fit in the memory the
+    machine has left: a run that cannot fit ends in a one-line error, not in the kernel's out-of-memory kill."""
+    from lm import machine
+    from lm.checkpoint import load_model
+    from lm.data import load_corpus
+
+    data, ckpt = tiny_checkpoint
+    words = len(load_model(ckpt)[1])
+    monkeypatch.setattr(machine, "available_memory", lambda device: 4 * 2 * 8 * 4 * words - 1)  # bptt 8, batch 4
+    assert main(_tiny(data, tmp_path / "run", "--max-steps", "1")) == 2
+    line = one_line_error(capsys, "train")
+    assert f"a training step's scores (2 x 8 steps x 4 rows x {words} words, float32)" in line
+    assert "lower --batch-size or --bptt" in line and not (tmp_path / "run" / "last.pt").exists()
+    corpus = load_corpus(data, "word", words)
+    rows = max(corpus.valid.numel(), corpus.test.numel()) // 2  # the evaluation after each epoch, checked up front
+    monkeypatch.setattr(machine, "available_memory", lambda device: 4 * 2 * (rows - 1) * 2 * words - 1)
+    assert main(_tiny(data, tmp_path / "run", "--max-steps", "1", "--eval-batch-size", "2", "--eval-bptt", "1000")) == 2
+    line = one_line_error(capsys, "train")
+    assert f"an evaluation step's scores (2 x {rows - 1} steps x 2 rows x {words} words" in line
+    assert "lower --eval-batch-size or --eval-bptt" in line
+
+    steps = load_corpus(data, "word", words).valid.numel() // 2 - 1  # --bptt beyond the split: its rows bound a step
+    need = 4 * 2 * steps * 2 * words
+    evaluate = ["eval", "--checkpoint", str(ckpt), "--data", str(data), "--batch-size", "2", "--bptt", "100000",
+                "--no-progress"]
+    monkeypatch.setattr(machine, "available_memory", lambda device: need - 1)
+    assert main(evaluate) == 2
+    assert f"(2 x {steps} steps x 2 rows x {words} words, float32) need at least" in one_line_error(capsys, "eval")
+    monkeypatch.setattr(machine, "available_memory", lambda device: need)
+    assert main(evaluate) == 0
+
+
+@pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="reads Linux's /proc/meminfo")
+def test_available_memory_is_within_this_machines_memory():
+    from lm.machine import available_memory
+
+    info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    total = sum(int(info[k].split()[0]) * 1024 for k in ("MemTotal", "SwapTotal"))
+    assert 0 < available_memory(torch.device("cpu")) <= total
