@@ -442,6 +442,9 @@ def test_threads_sets_torchs_threads(tiny_checkpoint, capsys):
     try:
         assert main(["eval", "--checkpoint", str(ckpt), "--data", str(data), "--threads", "1", "--no-progress"]) == 0
         assert torch.get_num_threads() == 1
+        for bad in ("0", "-2"):
+            assert main(["eval", "--checkpoint", str(ckpt), "--data", str(data), "--threads", bad]) == 2
+            assert f"--threads must be positive, got {bad}" in one_line_error(capsys, "eval")
     finally:
         torch.set_num_threads(saved)
 
@@ -515,3 +518,27 @@ def test_available_memory_is_within_this_machines_memory():
     info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
     total = sum(int(info[k].split()[0]) * 1024 for k in ("MemTotal", "SwapTotal"))
     assert 0 < available_memory(torch.device("cpu")) <= total
+
+
+def test_as_written_refuses_a_robust_start_asked_for_beside_it(tmp_path, capsys):
+    data = write_corpus(tmp_path / "c")
+    assert main(_tiny(data, tmp_path / "run", "--max-steps", "1", "--as-written", "--warmup", "undo")) == 2
+    assert "--as-written turns the robust start off; it cannot go with --warmup undo" in one_line_error(capsys, "train")
+    assert not (tmp_path / "run").exists()
+
+
+def test_compare_passes_clip_to_every_run():
+    from lm.cli import compare_overrides
+
+    assert compare_overrides(build_parser().parse_args(["compare", "--clip", "0.5"])) == {"clip": 0.5}
+    assert compare_overrides(build_parser().parse_args(["compare", "--clip", "0.5", "--as-written"])) == {
+        "clip": 0.5, "warmup": "none"}
+    assert compare_overrides(build_parser().parse_args(["compare"])) == {}
+
+
+def test_an_interrupted_compare_says_how_to_continue_and_exits_130(capsys, monkeypatch):
+    from lm import compare
+
+    monkeypatch.setattr(compare, "run_grid", lambda *a, **k: {"status": "interrupted", "runs": []})
+    assert main(["compare", "--cells", "rnn", "--norms", "none", "--device", "cpu"]) == 130
+    assert "interrupted; run the same command again to continue the grid" in capsys.readouterr().err
