@@ -227,6 +227,9 @@ def test_cpu_autocast_keeps_float32_statistics_and_finite_outputs():
     out.float().sum().backward()
     assert layer.norm_l0.running_var.dtype == torch.float32
     assert torch.isfinite(out.float()).all() and torch.isfinite(layer.weight_hh_l0.grad).all()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a bfloat16 input (an earlier layer's output) is taken too
+        out_bf16, _ = layer(x.bfloat16())
+    torch.testing.assert_close(out_bf16.float(), out.float(), atol=0.1, rtol=0)
 
 
 def test_memory_cell_normalization_flag_on_cells():

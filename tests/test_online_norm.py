@@ -199,6 +199,7 @@ def test_state_dict_round_trip_and_half_keeps_float32_statistics():
         (dict(alpha_fwd=1.0), "alpha_fwd"),
         (dict(alpha_bkw=0.0), "alpha_bkw"),
         (dict(alpha_fwd=-0.5), "alpha_fwd"),
+        (dict(alpha_fwd="0.5"), "alpha_fwd"),
         (dict(ecm="batch"), "ecm"),
         (dict(eps=0.0), "eps"),
         (dict(ls_group_size=5), "ls_group_size"),

@@ -73,7 +73,7 @@ def test_the_floor_keeps_v_bounded_on_a_heavy_tailed_stream():
     assert not final[None] < 1e12, final  # inf or nan counts as unbounded too
 
 
-@pytest.mark.parametrize("bad", [-0.1, 1.0, 2, "1e-5", True, float("nan")])
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 2, "1e-5", True, False, float("nan")])
 def test_bad_v_decay_min_is_a_clear_error(bad):
     for make in (lambda: OnlineNormConfig(v_decay_min=bad), lambda: OnlineNorm(4, v_decay_min=bad),
                  lambda: seqnorm.LSTM(3, 4, v_decay_min=bad), lambda: seqnorm.RNNCell(3, 4, v_decay_min=bad)):
