@@ -59,6 +59,12 @@ def segment(data: torch.Tensor, pos: int, length: int) -> tuple[torch.Tensor, to
     return data[pos:pos + n], data[pos + 1:pos + 1 + n]
 
 
+def longest_segment(tokens: int, batch_size: int, bptt: int) -> int:
+    """The longest segment ``segments`` cuts from ``tokens`` ids in ``batch_size`` columns: ``bptt``, or the
+    columns' rows less one where they are fewer."""
+    return min(bptt, max(tokens // max(batch_size, 1) - 1, 1))
+
+
 def segments(data: torch.Tensor, lengths: SegmentLengths | int, pos: int = 0):
     """Yield (pos, inputs, targets) from row ``pos`` to the end of ``data``."""
     if isinstance(lengths, int):

@@ -208,10 +208,11 @@ def add_eval_parser(sub):
 
 
 def cmd_eval(args) -> int:
+    from .batching import longest_segment
     from .checkpoint import check_vocab, load_model
     from .data import load_corpus
     from .evaluate import evaluate
-    from .machine import check_fits
+    from .machine import check_scores_fit
 
     model, vocab, ckpt = load_model(args.checkpoint, args.device)
     if vocab.kind == "word":  # rebuild from this data's train split: another corpus gives another vocabulary
@@ -219,10 +220,9 @@ def cmd_eval(args) -> int:
         check_vocab(ckpt, corpus.vocab, args.checkpoint)
     else:
         corpus = load_corpus(args.data, vocab=vocab)
-    steps = min(args.bptt, max(len(corpus.split(args.split)) // max(args.batch_size, 1) - 1, 1))  # the longest
-    check_fits(f"an evaluation step's scores (2 x {steps} steps x {args.batch_size} rows x {len(vocab)} words, "
-               "float32)", 2 * steps * args.batch_size * len(vocab), next(model.parameters()).device,
-               "lower --batch-size or --bptt")
+    steps = longest_segment(len(corpus.split(args.split)), args.batch_size, args.bptt)
+    check_scores_fit("an evaluation step", steps, args.batch_size, len(vocab), next(model.parameters()).device,
+                     "--batch-size or --bptt")
     result = evaluate(model, corpus.split(args.split), args.batch_size, args.bptt, progress=not args.no_progress,
                       desc=args.split)
     print(json.dumps({"split": args.split, "checkpoint": str(args.checkpoint), **result}))

@@ -63,13 +63,14 @@ def available_memory(device: torch.device) -> int | None:
         return None
 
 
-def check_fits(what: str, floats: int, device: torch.device, advice: str) -> None:
-    """A ValueError, before any work, when ``floats`` float32 values that must coexist do not fit in the memory
-    ``device`` has left: such a run would end in the allocator's error, or on Linux in a kill by the kernel's
-    out-of-memory killer with no message at all."""
+def check_scores_fit(what: str, steps: int, rows: int, words: int, device: torch.device, flags: str) -> None:
+    """A ValueError, before any work, when a step's decoder scores and their log-softmax, which coexist in every
+    step (2 x steps x rows x words float32: a floor of the step's peak), do not fit in the memory ``device`` has
+    left: such a run would end in the allocator's error, or on Linux in a kill by the kernel's out-of-memory
+    killer with no message at all."""
     free = available_memory(device)
-    need = 4 * floats
+    need = 4 * 2 * steps * rows * words
     if free is not None and need > free:
         where = "this machine" if device.type == "cpu" else str(device)
-        raise ValueError(f"{what} need at least {need / 1e9:.1f} GB and {where} has {free / 1e9:.1f} GB "
-                         f"available: {advice}")
+        raise ValueError(f"{what}'s scores (2 x {steps} steps x {rows} rows x {words} words, float32) need at least "
+                         f"{need / 1e9:.1f} GB and {where} has {free / 1e9:.1f} GB available: lower {flags}")

@@ -32,12 +32,12 @@ from seqnorm.distributed import gather_states, load_states, reconcile_statistics
 from seqnorm.warmup import gate_norms
 
 from . import machine, parallel
-from .batching import SegmentLengths, batchify, segment
+from .batching import SegmentLengths, batchify, longest_segment, segment
 from .checkpoint import (check_model_config, check_vocab, load_checkpoint, model_from_checkpoint, save_checkpoint)
 from .data import corpus_fingerprint, load_corpus, resolve_data_dir, vocab_from_state
 from .evaluate import evaluate, safe_exp
 from .config import TrainConfig  # noqa: F401  (re-exported)
-from .machine import check_fits, resolve_device
+from .machine import check_scores_fit, resolve_device
 from .model import RNNLM, detach_hidden, map_hidden
 from .resume import apply_optimizer_changes, resume_changes
 from .robust_start import RobustStart, Segment, rng_state, set_rng_state
@@ -165,16 +165,13 @@ class Trainer:
         finally:
             load_states(self.model, own[self.ranks.rank])
 
-    def _check_fits(self, vocab_size: int) -> None:
-        """The decoder's scores and their log-softmax coexist in a step: 2 x steps x rows x vocabulary floats, for
-        the longest segment (training: bptt; evaluation: eval_bptt, or the longer split's rows if fewer)."""
-        eval_rows = max(len(self.corpus.valid), len(self.corpus.test)) // self.cfg.eval_batch_size
-        for what, steps, rows, flags in (("a training step's scores", self.cfg.bptt, self.train_data.shape[1],
-                                          "--batch-size or --bptt"),
-                                         ("an evaluation step's scores", min(self.cfg.eval_bptt, max(eval_rows - 1, 1)),
-                                          self.cfg.eval_batch_size, "--eval-batch-size or --eval-bptt")):
-            check_fits(f"{what} (2 x {steps} steps x {rows} rows x {vocab_size} words, float32)",
-                       2 * steps * rows * vocab_size, self.device, f"lower {flags}")
+    def _check_fits(self, words: int) -> None:
+        """Training's longest step (bptt) and evaluation's (on the longer of valid and test) fit in memory."""
+        check_scores_fit("a training step", self.cfg.bptt, self.train_data.shape[1], words, self.device,
+                         "--batch-size or --bptt")
+        tokens = max(len(self.corpus.valid), len(self.corpus.test))
+        check_scores_fit("an evaluation step", longest_segment(tokens, self.cfg.eval_batch_size, self.cfg.eval_bptt),
+                         self.cfg.eval_batch_size, words, self.device, "--eval-batch-size or --eval-bptt")
 
     def _claim_folder(self, resume: bool, force: bool) -> None:
         """A new run never overwrites another: ``--out`` holding a run's files is an error unless ``resume``
