@@ -125,13 +125,18 @@ def test_random_lengths_are_uniform_and_resumable():
 
 
 class _Server:
-    """A loopback HTTP server over a folder; ``fail=True`` answers every request with 500."""
+    """A loopback HTTP server over a folder; ``fail=True`` answers every request with 500, ``stall=True`` answers
+    none until the server is closed."""
 
-    def __init__(self, root, fail=False):
+    def __init__(self, root, fail=False, stall=False):
+        self.released = threading.Event()
+
         class Handler(http.server.SimpleHTTPRequestHandler):
-            def do_GET(self):
+            def do_GET(handler):
+                if stall:
+                    self.released.wait(30)
                 if fail:
-                    self.send_error(500, "boom")
+                    handler.send_error(500, "boom")
                 else:
                     super().do_GET()
 
@@ -146,6 +151,7 @@ class _Server:
         return self
 
     def __exit__(self, *exc):
+        self.released.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -216,6 +222,24 @@ def test_download_server_error(served, tmp_path):
     with _Server(served, fail=True) as server, pytest.raises(download.DownloadError, match="500"):
         download.download_ptb(tmp_path / "ptb", server.url, progress=False)
     assert not (tmp_path / "ptb").exists()  # the folder it made is not left behind empty
+
+
+def test_a_corrupt_file_already_there_is_downloaded_again(served, tmp_path):
+    dest = tmp_path / "ptb"
+    dest.mkdir()
+    (dest / "valid.txt").write_text("not the treebank\n")
+    with _Server(served) as server:
+        status = download.download_ptb(dest, server.url, progress=False)
+    assert status["valid.txt"] == "downloaded"
+    assert download.sha256_of(dest / "valid.txt") == download.PTB_FILES["valid.txt"][1]
+
+
+def test_a_server_that_does_not_answer_times_out_and_the_users_folder_stays(served, tmp_path):
+    dest = tmp_path / "ptb"
+    dest.mkdir()  # made by the user: kept even though the download leaves it empty
+    with _Server(served, stall=True) as server, pytest.raises(download.DownloadError, match="timed out"):
+        download.download_ptb(dest, server.url, progress=False, timeout=0.2)
+    assert dest.is_dir() and not any(dest.iterdir())
 
 
 def test_a_corpus_folder_absent_here_stands_for_the_verified_ptb(tmp_path):
