@@ -16,7 +16,7 @@ from lm.generate import generate
 from lm.model import ModelConfig, RNNLM
 from lm.presets import PRESETS, get_preset
 from lm.train import TrainConfig, Trainer, train
-from lm_helpers import write_corpus
+from lm_helpers import REPO, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -314,6 +314,54 @@ def test_presets_follow_the_paper():
     assert get_preset("paper-lstm-none").cell == "lstm-cudnn"
     with pytest.raises(ValueError, match="unknown preset"):
         get_preset("paper-gru")
+
+
+def _design_table() -> dict:
+    """docs/design.md's PTB table (the spec of record): {(cell, norm): (lr, alpha_fwd, alpha_bkw, epochs, figures)}."""
+    power = lambda text: 1 - 2.0 ** -int(text.split("2^-")[1]) if text else None  # noqa: E731  "1 - 2^-13"
+    rows = {}
+    for line in (REPO / "docs" / "design.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 7 or not cells[0].startswith(("LSTM", "RNN")):
+            continue
+        median, low, high = (float(x) for x in cells[6].replace("(", " ").replace("–", " ").strip(")").split())
+        rows[(cells[0].split()[0].lower(), cells[1].split()[0])] = (float(cells[2]), power(cells[3]), power(cells[4]),
+                                                                    int(cells[5]), (median, low, high))
+    return rows
+
+
+def test_every_paper_preset_is_the_design_tables_row():
+    rows = _design_table()
+    assert len(rows) == 6
+    for (cell, norm), (lr, alpha_fwd, alpha_bkw, epochs, figures) in rows.items():
+        preset = get_preset(f"paper-{cell}-{norm}")
+        cfg = TrainConfig(**preset.train_fields())
+        assert (cfg.lr, cfg.alpha_fwd if norm == "online" else None, cfg.alpha_bkw if norm == "online" else None,
+                cfg.epochs, preset.paper_valid_ppl) == (lr, alpha_fwd, alpha_bkw, epochs, figures), (cell, norm)
+        assert cfg.cell.split("-")[0] == cell and cfg.norm == norm
+        # the settings the table's paragraph gives for all of them
+        assert (cfg.nlayers, cfg.nhid, cfg.emsize, cfg.tied, cfg.batch_size, cfg.bptt, cfg.bptt_mode) == \
+               (1, 200, 200, True, 20, 128, "random"), (cell, norm)
+        assert (cfg.weight_decay, cfg.clip, cfg.dropout, cfg.eval_batch_size, cfg.eval_bptt) == \
+               (1e-6, None, 0.0, 10, 32), (cell, norm)
+
+
+def test_the_preset_table_users_read_is_the_presets():
+    """docs/lm.md's table lists every preset with its cell, lr, epochs, decays and the paper's median."""
+    power = lambda text: 1 - 2.0 ** -int(text.split("2^-")[1])  # noqa: E731  "1-2^-13"
+    listed = {}
+    for line in (REPO / "docs" / "lm.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[0].startswith("`"):
+            listed[cells[0].strip("`")] = cells[1:]
+    assert set(listed) == set(PRESETS)
+    for name, (cell, lr, epochs, alphas, paper) in listed.items():
+        preset = PRESETS[name]
+        decays = tuple(power(a) for a in alphas.split(" / ")) if alphas else (None, None)
+        figure = float(paper) if paper[:1].isdigit() else None
+        assert (cell.split()[0], float(lr), int(epochs), decays) == \
+               (preset.cell, preset.lr, preset.epochs, (preset.alpha_fwd, preset.alpha_bkw)), name
+        assert figure == (preset.paper_valid_ppl[0] if preset.paper_valid_ppl else None), name
 
 
 def test_compare_grid_writes_table_and_resumes(corpus_dir, tmp_path, monkeypatch):
