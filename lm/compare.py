@@ -24,6 +24,7 @@ from pathlib import Path
 from .checkpoint import load_checkpoint
 from .config import RETIRED
 from .data import PTB_FINGERPRINT, corpus_fingerprint, resolve_data_dir
+from .machine import threads_of
 from .presets import PRESETS, preset_name
 from .train import TrainConfig, TrainingDiverged, train
 
@@ -326,15 +327,22 @@ def paired_table(runs: list[dict]) -> str:
 def compute_line(runs: list[dict]) -> str:
     """The training time the finished runs took (evaluation excluded): summed over their epochs as they ran, and
     at each run's median epoch time, which does not count epochs slowed by other work on the machine (the
-    estimate of what a reproduction takes, one thread per run)."""
-    done = [[h["time_s"] for h in r["history"] if h["event"] == "epoch"] for r in runs if r["status"] == "finished"]
-    seconds = sum(sum(times) for times in done)
-    typical = sum(statistics.median(times) * len(times) for times in done if times)
+    estimate of what a reproduction takes), per thread count: one-thread runs also as two side by side."""
+    done = [[h for h in r["history"] if h["event"] == "epoch"] for r in runs if r["status"] == "finished"]
+    seconds = sum(h["time_s"] for epochs in done for h in epochs)
+    typical = {}  # threads: seconds at each run's median epoch time
+    for epochs in done:
+        for threads in {threads_of(h.get("machine")) for h in epochs}:
+            times = [h["time_s"] for h in epochs if threads_of(h.get("machine")) == threads]
+            typical[threads] = typical.get(threads, 0.0) + statistics.median(times) * len(times)
+    typical = typical or {1: 0.0}
     machines = sorted({h["machine"] for r in runs for h in r.get("history", []) if h.get("machine")})
     where = f" on {'; '.join(machines)}" if machines else ""
+    parts = [f"{typical[1] / 3600:.1f} hours of single-thread runs, {typical[1] / 7200:.1f} hours of wall time with "
+             "two side by side on a 2-core CPU"] if 1 in typical else []
+    parts += [f"{typical[n] / 3600:.1f} hours of {n}-thread runs" for n in sorted(typical) if n != 1]
     return (f"Training time of these runs, summed: {seconds / 3600:.1f} hours{where}; at each run's median epoch "
-            f"time: {typical / 3600:.1f} hours of single-thread runs, {typical / 7200:.1f} hours of wall time with "
-            "two side by side on a 2-core CPU.\n")
+            f"time: {'; '.join(parts)}.\n")
 
 
 def runs_table(runs: list[dict]) -> str:

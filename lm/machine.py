@@ -9,6 +9,7 @@ CPU has them), so the instruction set is named too.
 from __future__ import annotations
 
 import platform
+import re
 from pathlib import Path
 
 import torch
@@ -32,6 +33,12 @@ def describe(device: torch.device) -> str:
     threads = torch.get_num_threads()
     isa = torch.backends.cpu.get_cpu_capability()
     return f"{cpu_model()} ({isa}), {threads} thread{'s' if threads != 1 else ''}, torch {torch.__version__}"
+
+
+def threads_of(machine: str | None) -> int:
+    """The CPU threads a ``describe`` string names (1 where it names none: a GPU, or a record without one)."""
+    match = re.search(r", (\d+) threads?, ", machine or "")
+    return int(match[1]) if match else 1
 
 
 def resolve_device(name: str) -> torch.device:

@@ -13,6 +13,7 @@ from lm.data import load_corpus
 from lm.config import AS_WRITTEN
 from lm.evaluate import evaluate
 from lm.generate import generate
+from lm.machine import threads_of
 from lm.model import ModelConfig, RNNLM
 from lm.presets import PRESETS, get_preset
 from lm.train import TrainConfig, Trainer, train
@@ -572,6 +573,24 @@ def test_paired_differences_are_per_seed_in_both_measures():
     # summed: 6 x 30 s + 3840 s = 4020 s = 1.1 h; at the median epoch: 6 x 2 x 15 s + 3 x 140 s = 600 s = 0.17 h
     assert line == ("Training time of these runs, summed: 1.1 hours on CPU X; at each run's median epoch time: "
                     "0.2 hours of single-thread runs, 0.1 hours of wall time with two side by side on a 2-core CPU.\n")
+
+
+def test_the_compute_line_counts_each_thread_count_apart():
+    """A run of 2 threads is not a single-thread run: its hours stand apart, and so do the epochs of a run resumed
+    with another thread count; the thread count is read from the machine string each epoch records."""
+    one = "AMD EPYC (AVX2), 1 thread, torch 2.13.0+cpu"
+    two = "AMD EPYC (AVX512), 2 threads, torch 2.13.0+cpu"
+    assert (threads_of(one), threads_of(two), threads_of("NVIDIA H100, torch 2.13.0+cu128"), threads_of(None)) == \
+           (1, 2, 1, 1)
+    runs = [_fake_run("rnn", "online", 0, 100.0, 105.0, seconds=(3600.0, 3600.0), machine=one),
+            _fake_run("rnn", "online", 1, 100.0, 105.0, seconds=(1800.0, 1800.0, 5400.0), machine=two)]
+    resumed = _fake_run("rnn", "layer", 1, 100.0, 105.0, seconds=(3600.0, 1800.0), machine=one)
+    resumed["history"][1]["machine"] = two
+    # one thread: 2 x 3600 s + 3600 s = 3 h; two threads: 3 x 1800 s (the median) + 1800 s = 2 h
+    assert compare.compute_line(runs + [resumed]) == (
+        f"Training time of these runs, summed: 6.0 hours on {one}; {two}; at each run's median epoch time: "
+        "3.0 hours of single-thread runs, 1.5 hours of wall time with two side by side on a 2-core CPU; "
+        "2.0 hours of 2-thread runs.\n")
 
 
 def test_the_cell_table_gives_each_norms_median_and_range_in_both_measures_beside_the_paper():
