@@ -138,10 +138,12 @@ def test_dropout_in_training_changes_outputs_between_layers_only():
     torch.manual_seed(3)
     layer = seqnorm.LSTM(4, 6, num_layers=2, dropout=0.5, norm=None)
     x = torch.randn(5, 2, 4)
-    a, b = layer(x)[0], layer(x)[0]
+    (a, (h_a, _)), (b, (h_b, _)) = layer(x), layer(x)
     assert not torch.allclose(a, b)
+    torch.testing.assert_close(h_a[0], h_b[0])  # as torch.nn: the first layer's input is never dropped
     layer.dropout = 0.0
     torch.testing.assert_close(layer(x)[0], layer(x)[0])
+    torch.testing.assert_close(layer(x)[1][0][0], h_a[0])
 
 
 @pytest.mark.parametrize("num_layers, batch_first, bias", [(1, False, True), (2, True, True), (2, False, False)])
@@ -579,6 +581,8 @@ def test_packed_input_errors_name_what_is_wrong():
         lstm(packed, (torch.zeros(1, 4, 7), torch.zeros(1, 4, 7)))
     with pytest.raises(ValueError, match="non-increasing"):
         lstm(PackedSequence(torch.randn(7, 5), torch.tensor([2, 3, 2])))
+    with pytest.raises(TypeError, match=r"PackedSequence.data dtype \(torch.float64\) does not match"):
+        lstm(pack_padded_sequence(torch.randn(4, 3, 5, dtype=torch.float64), [4, 2, 1]))
 
 
 @pytest.mark.parametrize("norm", [None, "layer", "online", "online-eval"])
