@@ -332,8 +332,10 @@ def compute_line(runs: list[dict]) -> str:
     seconds = sum(h["time_s"] for epochs in done for h in epochs)
     typical = {}  # threads: seconds at each run's median epoch time
     for epochs in done:
-        for threads in {threads_of(h.get("machine")) for h in epochs}:
-            times = [h["time_s"] for h in epochs if threads_of(h.get("machine")) == threads]
+        by_threads = {}
+        for h in epochs:
+            by_threads.setdefault(threads_of(h.get("machine")), []).append(h["time_s"])
+        for threads, times in by_threads.items():
             typical[threads] = typical.get(threads, 0.0) + statistics.median(times) * len(times)
     typical = typical or {1: 0.0}
     machines = sorted({h["machine"] for r in runs for h in r.get("history", []) if h.get("machine")})

@@ -317,16 +317,20 @@ def test_presets_follow_the_paper():
         get_preset("paper-gru")
 
 
+def _decay(text: str) -> float | None:
+    """A decay as the docs print it, "1 - 2^-13" or "1-2^-13"; None for an empty cell."""
+    return 1 - 2.0 ** -int(text.split("2^-")[1]) if text else None
+
+
 def _design_table() -> dict:
     """docs/design.md's PTB table (the spec of record): {(cell, norm): (lr, alpha_fwd, alpha_bkw, epochs, figures)}."""
-    power = lambda text: 1 - 2.0 ** -int(text.split("2^-")[1]) if text else None  # noqa: E731  "1 - 2^-13"
     rows = {}
     for line in (REPO / "docs" / "design.md").read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) != 7 or not cells[0].startswith(("LSTM", "RNN")):
             continue
         median, low, high = (float(x) for x in cells[6].replace("(", " ").replace("–", " ").strip(")").split())
-        rows[(cells[0].split()[0].lower(), cells[1].split()[0])] = (float(cells[2]), power(cells[3]), power(cells[4]),
+        rows[(cells[0].split()[0].lower(), cells[1].split()[0])] = (float(cells[2]), _decay(cells[3]), _decay(cells[4]),
                                                                     int(cells[5]), (median, low, high))
     return rows
 
@@ -349,7 +353,6 @@ def test_every_paper_preset_is_the_design_tables_row():
 
 def test_the_preset_table_users_read_is_the_presets():
     """docs/lm.md's table lists every preset with its cell, lr, epochs, decays and the paper's median."""
-    power = lambda text: 1 - 2.0 ** -int(text.split("2^-")[1])  # noqa: E731  "1-2^-13"
     listed = {}
     for line in (REPO / "docs" / "lm.md").read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -358,7 +361,7 @@ def test_the_preset_table_users_read_is_the_presets():
     assert set(listed) == set(PRESETS)
     for name, (cell, lr, epochs, alphas, paper) in listed.items():
         preset = PRESETS[name]
-        decays = tuple(power(a) for a in alphas.split(" / ")) if alphas else (None, None)
+        decays = tuple(_decay(a) for a in alphas.split(" / ")) if alphas else (None, None)
         figure = float(paper) if paper[:1].isdigit() else None
         assert (cell.split()[0], float(lr), int(epochs), decays) == \
                (preset.cell, preset.lr, preset.epochs, (preset.alpha_fwd, preset.alpha_bkw)), name
