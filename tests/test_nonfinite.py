@@ -35,13 +35,33 @@ def assert_state_finite(module):
         assert torch.isfinite(buf).all(), name
 
 
-@pytest.mark.parametrize("impl", ["scan", "loop"])
-@pytest.mark.parametrize("ecm", ["none", "ls"])
-def test_online_norm_skips_nonfinite_updates(impl, ecm):
-    C = 6
+def nan_and_inf_samples(C):
     xs = [poisoned((5, C), seed=0), torch.randn(5, C, dtype=F64), poisoned((4, C), seed=1)]
     gs = [torch.randn(x.shape, dtype=F64) for x in xs]
     gs[1][2, 3] = float("nan")  # a non-finite gradient on a clean forward: u, v skip that update
+    return xs, gs
+
+
+def overflowing_samples(C):
+    """Finite samples whose update overflows only the second quantity of a pair: a value of 1e200 leaves the
+    mean finite and makes the variance inf (d**2); a gradient of 1e200 on it makes v inf (g*y) and u finite.  In
+    the last row of a call, so that no later row of the call carries the overflow into the other quantity."""
+    torch.manual_seed(2)
+    xs = [torch.randn(5, C, dtype=F64) for _ in range(3)]
+    gs = [torch.randn(x.shape, dtype=F64) for x in xs]
+    xs[1][-1, 4] = 1e200
+    gs[1][-1, 4] = 1e200
+    return xs, gs
+
+
+# overflowing samples without layer scaling: their own LS output overflows too (the reference's gives 0, ours NaN,
+# both within the rule), and the rule under test is the state's
+@pytest.mark.parametrize("ecm, samples", [("none", nan_and_inf_samples), ("ls", nan_and_inf_samples),
+                                          ("none", overflowing_samples)], ids=["none-nan", "ls-nan", "none-overflow"])
+@pytest.mark.parametrize("impl", ["scan", "loop"])
+def test_online_norm_skips_nonfinite_updates(impl, ecm, samples):
+    C = 6
+    xs, gs = samples(C)
     m = OnlineNorm(C, ALPHA_FWD, ALPHA_BKW, affine=False, ecm=ecm, impl=impl, dtype=F64)
     ins = [x.clone().requires_grad_() for x in xs]
     outs = [m(x) for x in ins]

@@ -38,7 +38,7 @@ def reference_calls(xs, grads, module_kwargs):
 @pytest.mark.parametrize("ecm", ["ls", "ac", "none"])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("impl", ["scan", "loop"])
-@pytest.mark.parametrize("shape", [(5, 6), (1, 6), (4, 6, 3)])
+@pytest.mark.parametrize("shape", [(5, 6), (1, 6), (4, 6, 2), (4, 6, 3)])
 def test_matches_reference_over_consecutive_calls(ecm, affine, impl, shape, v_decay_min):
     torch.manual_seed(0)
     kwargs = dict(alpha_fwd=0.8, alpha_bkw=0.7, ecm=ecm, affine=affine, ls_group_size=3, impl=impl,
@@ -169,6 +169,7 @@ def test_eval_mode_freezes_statistics():
     torch.manual_seed(6)
     m = OnlineNorm(3, alpha_fwd=0.5)
     m(torch.randn(10, 3) * 4 + 1)
+    m.running_var[1] = 3e-5  # where eps (1e-5) is a quarter of the variance
     before = {k: v.clone() for k, v in m.state_dict().items()}
     m.eval()
     x = torch.randn(6, 3, requires_grad=True)
@@ -180,7 +181,8 @@ def test_eval_mode_freezes_statistics():
     torch.testing.assert_close(out, layer_scale(expected * m.weight + m.bias, 3, 1e-5))
 
 
-def test_state_dict_round_trip_and_half_keeps_float32_statistics():
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
+def test_state_dict_round_trip_and_half_keeps_float32_statistics(low):
     torch.manual_seed(7)
     m = OnlineNorm(4)
     m(torch.randn(8, 4) * 3).sum().backward()
@@ -188,9 +190,9 @@ def test_state_dict_round_trip_and_half_keeps_float32_statistics():
     m2.load_state_dict(m.state_dict())
     for name in ("running_mean", "running_var", "control_u", "control_v"):
         assert torch.equal(getattr(m, name), getattr(m2, name))
-    m2.half()
-    assert m2.running_var.dtype == torch.float32 and m2.weight.dtype == torch.float16
-    assert m2(torch.randn(3, 4, dtype=torch.float16)).dtype == torch.float16
+    m2.to(low)
+    assert m2.running_var.dtype == torch.float32 and m2.weight.dtype == low
+    assert m2(torch.randn(3, 4, dtype=low)).dtype == low
 
 
 @pytest.mark.parametrize(
@@ -217,6 +219,7 @@ def test_bad_arguments(kwargs, match):
         (torch.randn(6), ValueError, "shape"),
         (torch.randn(4, 5), ValueError, "features"),
         (torch.zeros(0, 6), ValueError, "empty"),
+        (torch.zeros(3, 6, 0), ValueError, "empty"),
         (torch.ones(4, 6, dtype=torch.long), TypeError, "floating"),
         (torch.randn(4, 6, device="meta"), ValueError, "meta"),
         ([[1.0] * 6], TypeError, "Tensor"),
@@ -230,3 +233,34 @@ def test_bad_input_raises_and_leaves_state_unchanged(x, error, match):
         m(x)
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_reset_state_puts_back_the_initial_state():
+    torch.manual_seed(9)
+    m = OnlineNorm(4)
+    m((torch.randn(8, 4) * 3 + 2).requires_grad_()).backward(torch.randn(8, 4))
+    assert not torch.equal(m.running_var, torch.ones(4)) and m.control_v.abs().sum() > 0
+    m.reset_state()
+    for buf, want in zip((m.running_mean, m.running_var, m.control_u, m.control_v), (0.0, 1.0, 0.0, 0.0)):
+        assert torch.equal(buf, torch.full((4,), want))
+
+
+def test_features_must_be_whole_ecm_groups():
+    m = OnlineNorm(6, ls_group_size=3)
+    for features in (slice(1, 3), slice(0, 2), slice(3, 5)):
+        with pytest.raises(ValueError, match="whole ECM groups of 3"):
+            m(torch.randn(4, features.stop - features.start), features)
+    assert m(torch.randn(4, 3), slice(3, 6)).shape == (4, 3)
+
+
+def test_a_low_precision_state_still_accumulates_in_float32():
+    """The functional form takes the user's own state: given a bfloat16 one, the running statistics are still
+    computed in float32 (rounded once, on the way back into the state), not rounded to bfloat16 at every row."""
+    torch.manual_seed(8)
+    x = torch.randn(64, 5, dtype=torch.bfloat16) * 2 + 3
+    state = OnlineNormState.initial(5, dtype=torch.bfloat16)
+    online_norm(x, state, alpha_fwd=0.99, impl="loop", training=True)
+    _, _, mu, var = reference.on_forward(x.double()[..., None], torch.zeros(5, dtype=F64), torch.ones(5, dtype=F64),
+                                         0.99, 1e-5)
+    torch.testing.assert_close(state.mu.double(), mu, rtol=2**-8, atol=0)
+    torch.testing.assert_close(state.var.double(), var, rtol=2**-8, atol=0)
