@@ -581,6 +581,12 @@ def test_packed_input_errors_name_what_is_wrong():
         lstm(packed, (torch.zeros(1, 4, 7), torch.zeros(1, 4, 7)))
     with pytest.raises(ValueError, match="non-increasing"):
         lstm(PackedSequence(torch.randn(7, 5), torch.tensor([2, 3, 2])))
+    with pytest.raises(ValueError, match=r"positive and non-increasing, got \[3, 0\]"):
+        lstm(PackedSequence(torch.randn(3, 5), torch.tensor([3, 0])))
+    with pytest.raises(ValueError, match="integer tensor on the CPU"):
+        lstm(PackedSequence(torch.randn(5, 5), torch.tensor([3.0, 2.0])))
+    with pytest.raises(ValueError, match="PackedSequence.data has 6 rows but batch_sizes sum to 5"):
+        lstm(PackedSequence(torch.randn(6, 5), torch.tensor([3, 2])))
     with pytest.raises(TypeError, match=r"PackedSequence.data dtype \(torch.float64\) does not match"):
         lstm(pack_padded_sequence(torch.randn(4, 3, 5, dtype=torch.float64), [4, 2, 1]))
 

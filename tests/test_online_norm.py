@@ -101,6 +101,9 @@ def test_gradcheck_affine_and_ecm_parts():
     assert torch.autograd.gradcheck(lambda t: layer_scale(t, 3, 1e-5), (x,))
     xc = (torch.rand(4, 6, dtype=F64) * 8 - 4).requires_grad_()  # some entries beyond +-2
     assert torch.autograd.gradcheck(lambda t: clamp(t, 2.0), (xc,))
+    at_the_bound = torch.tensor([-2.5, -2.0, -1.9, 1.9, 2.0, 2.5], dtype=F64, requires_grad=True)
+    clamp(at_the_bound, 2.0).sum().backward()  # the gradient passes only where |a| < c (docs/design.md)
+    assert at_the_bound.grad.tolist() == [0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
     for ecm in ("ls", "ac", "none"):
         m = OnlineNorm(6, dtype=F64, ecm=ecm, ls_group_size=2, clamp_value=1.0).eval()
         with torch.no_grad():
