@@ -245,6 +245,32 @@ def test_memory_cell_normalization_flag_on_cells():
     assert not torch.allclose(h1, h2)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_layer_norm_cells_equal_the_equations(cell):
+    """norm="layer", written out: each gate's pre-activation W_ih x + b_ih + W_hh h + b_hh normalized over its
+    own H features (the config's eps), then the per-feature affine; the LSTM's memory cell is not normalized
+    (the reference implementation's cell: one LayerNorm(H) per gate chunk)."""
+    torch.manual_seed(11)
+    H, eps = 5, 0.3
+    kw = dict(norm="layer", eps=eps, dtype=F64)
+    m = LSTMCell(3, H, **kw) if cell == "lstm" else RNNCell(3, H, **kw)
+    with torch.no_grad():
+        m.norm.weight.uniform_(0.5, 1.5)
+        m.norm.bias.uniform_(-0.5, 0.5)
+    x, h, c = (torch.randn(4, n, dtype=F64) for n in (3, H, H))
+    pre = x @ m.weight_ih.T + m.bias_ih + h @ m.weight_hh.T + m.bias_hh
+    normed = torch.cat([(p - p.mean(1, keepdim=True)) / (p.var(1, unbiased=False, keepdim=True) + eps).sqrt()
+                        for p in pre.split(H, 1)], 1) * m.norm.weight + m.norm.bias
+    if cell == "rnn":
+        torch.testing.assert_close(m(x, h), torch.tanh(normed), rtol=1e-12, atol=1e-12)
+        return
+    i, f, g, o = normed.split(H, 1)
+    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    got_h, got_c = m(x, (h, c))
+    torch.testing.assert_close(got_c, c_new, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_h, torch.sigmoid(o) * torch.tanh(c_new), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     "make, call, error, match",
     [
@@ -282,6 +308,8 @@ def test_bad_input_raises_clear_error_and_leaves_state_unchanged(make, call, err
         (dict(alpha_bkw=0), ValueError, "alpha_bkw"),
         (dict(dropout=2.0), ValueError, "dropout"),
         (dict(num_layers=0), ValueError, "num_layers"),
+        (dict(v_decay_min=1.0), ValueError, "v_decay_min"),
+        (dict(norm="layer", v_decay_min=1.0), ValueError, "v_decay_min"),  # checked in the config, used or not
         (dict(unknown=1), TypeError, "unknown"),
     ],
 )
