@@ -2,7 +2,8 @@
 that README.md, docs/results.md or docs/gru.md prints, run on a copy of its folder, writes the committed ``results.md`` and
 ``results.json`` byte for byte (nothing is trained: the runs are read back from their ``summary.json``), and
 the README's results table is that folder's table.  No copy of PTB is needed: the runs are matched to it by
-its SHA-256."""
+its SHA-256.  Likewise ``benchmarks/robust_start_grid.py --summarize`` writes each committed grid ``table.md``
+from its runs' ``start.json`` digests, and docs/robust_start.md shows what it writes."""
 import importlib.util
 import re
 import shutil
