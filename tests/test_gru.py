@@ -100,7 +100,7 @@ def test_gru_cell_errors_and_weights_only_loading(tmp_path):
     layer_normed = seqnorm.GRUCell(I, H, norm="layer")
     for features in (slice(0, 2), slice(2, 2 + H)):  # not whole gates, though the width matches
         with pytest.raises(ValueError, match=f"in groups of {H}"):
-            layer_normed.norm(torch.randn(B, 2 if features.start == 0 else H), features)
+            layer_normed.norm(torch.randn(B, features.stop - features.start), features)
     assert F.mse_loss(loaded.eval()(torch.randn(B, I)), torch.zeros(B, H)) >= 0  # eval: frozen statistics run
 
 

@@ -185,7 +185,7 @@ def test_eval_mode_freezes_statistics():
 
 
 @pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
-def test_state_dict_round_trip_and_half_keeps_float32_statistics(low):
+def test_state_dict_round_trip_and_half_precision_keeps_float32_statistics(low):
     torch.manual_seed(7)
     m = OnlineNorm(4)
     m(torch.randn(8, 4) * 3).sum().backward()
